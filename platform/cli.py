@@ -1,0 +1,52 @@
+"""`openllama`: one console script, one subcommand per stage.
+
+Each subcommand lives beside the code it drives and is imported only when called, so `openllama --help`
+stays fast and a stage's heavy imports (jax, ray, torch) load only for that stage.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module:function taking argv and returning an exit code, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "tokenizer": ("openllama.data.tokenizer:main", "train a LLaMA-style SentencePiece tokenizer (tokenizer train)"),
+    "data": ("openllama.data.pipeline:main", "validate, tokenize and pack RedPajama into shards (data tokenize)"),
+    "train": ("openllama.train.run:main", "pretrain LLaMA under Ray Train's JaxTrainer from a YAML config"),
+    "eval": ("openllama.eval.run:main", "evaluate a checkpoint with lm-evaluation-harness tasks"),
+    "generate": ("openllama.train.generate:main", "generate text from a checkpoint, streamed"),
+    "export-hf": ("openllama.train.hf:export_main", "write a checkpoint in Hugging Face LlamaForCausalLM format"),
+    "import-hf": ("openllama.train.hf:import_main", "read any LLaMA-architecture Hugging Face checkpoint"),
+    "import-easylm": ("openllama.train.easylm:main", "read an EasyLM streaming checkpoint (OpenLLaMA's release)"),
+    "config": ("openllama.settings:main", "show a resolved config (config show PRESET)"),
+    "pipeline": ("openllama.pipeline:main", "run the whole pipeline as Ray jobs (what `make demo` runs)"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: openllama COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    lines += ["", "`openllama COMMAND --help` describes one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        close = [c for c in COMMANDS if c.startswith(name[:3])]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        print(f"openllama: unknown command {name!r}{hint}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module_name, function_name = COMMANDS[name][0].split(":")
+    function = getattr(importlib.import_module(module_name), function_name)
+    return int(function(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""LLaMA in Flax, read top to bottom: config and presets, the blocks, the model, the KV cache.
+
+Layout matches Hugging Face's `LlamaForCausalLM` so that conversion is only renaming and transposing:
+rotary embeddings use the rotate-half layout (Meta/EasyLM interleave pairs instead; `hf.py` and
+`easylm.py` permute q/k where needed), RMSNorm runs in float32, there are no biases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture of one LLaMA model; field names follow Hugging Face's `LlamaConfig`."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    remat_policy: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"model.hidden_size={self.hidden_size} is not divisible by "
+                f"model.num_attention_heads={self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"model.num_key_value_heads={self.num_key_value_heads}"
+            )
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"model.{name}={getattr(self, name)!r}; allowed: {sorted(DTYPES)}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"model.remat_policy={self.remat_policy!r}; allowed: {sorted(REMAT_POLICIES)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> LlamaConfig:
+        """A published size (or `tiny` for tests), with any field overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; allowed: {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    def num_params(self) -> int:
+        """Parameter count, embeddings included."""
+        h, i, kv = self.hidden_size, self.intermediate_size, self.num_key_value_heads * self.head_dim
+        per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+        head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        return self.vocab_size * h + self.num_hidden_layers * per_layer + h + head
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward): 6 per matmul weight plus causal attention.
+
+        The input embedding is a lookup, not a matmul, so it is left out (as in PaLM's MFU).
+        """
+        matmul_params = self.num_params() - self.vocab_size * self.hidden_size * (not self.tie_word_embeddings)
+        attention = 6 * self.num_hidden_layers * self.hidden_size * seq_len
+        return 6 * matmul_params + attention
+
+
+PRESETS: dict[str, LlamaConfig] = {
+    "tiny": LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=256,
+    ),
+    "1b": LlamaConfig(hidden_size=2048, intermediate_size=5504, num_hidden_layers=22, num_attention_heads=16),
+    "3b": LlamaConfig(hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_attention_heads=32),
+    "7b": LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    "13b": LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+}
+
+
+def _dense(features: int, config: LlamaConfig, name: str) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=False,
+        dtype=DTYPES[config.dtype],
+        param_dtype=DTYPES[config.param_dtype],
+        kernel_init=nn.initializers.normal(config.initializer_range),
+        name=name,
+    )
+
+
+class RMSNorm(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), DTYPES[self.config.param_dtype])
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.rms_norm_eps)
+        return weight.astype(DTYPES[self.config.dtype]) * x32.astype(DTYPES[self.config.dtype])
+
+
+def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotate-half rotary embedding of x [batch, seq, heads, head_dim] at integer positions [batch, seq]."""
+    dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    half = dim // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None) -> tuple[jax.Array, dict | None]:
+        c = self.config
+        batch, seq, _ = x.shape
+        q = _dense(c.num_attention_heads * c.head_dim, c, "q_proj")(x)
+        k = _dense(c.num_key_value_heads * c.head_dim, c, "k_proj")(x)
+        v = _dense(c.num_key_value_heads * c.head_dim, c, "v_proj")(x)
+        q = rotary(q.reshape(batch, seq, c.num_attention_heads, c.head_dim), positions, c.rope_theta)
+        k = rotary(k.reshape(batch, seq, c.num_key_value_heads, c.head_dim), positions, c.rope_theta)
+        v = v.reshape(batch, seq, c.num_key_value_heads, c.head_dim)
+        if cache is None:
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        else:
+            index = cache["index"]
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
+            cache = {"k": k, "v": v, "index": index + seq}
+            key_pos = jnp.arange(k.shape[1])
+            query_pos = index + jnp.arange(seq)
+            mask = (key_pos[None, :] <= query_pos[:, None])[None, None]
+            out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
+        out = out.reshape(batch, seq, c.num_attention_heads * c.head_dim)
+        return _dense(c.hidden_size, c, "o_proj")(out), cache
+
+
+class MLP(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        gate = _dense(c.intermediate_size, c, "gate_proj")(x)
+        up = _dense(c.intermediate_size, c, "up_proj")(x)
+        return _dense(c.hidden_size, c, "down_proj")(nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None) -> tuple[jax.Array, dict | None]:
+        attn_out, cache = Attention(self.config, name="self_attn")(
+            RMSNorm(self.config, name="input_layernorm")(x), positions, cache
+        )
+        x = x + attn_out
+        x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="post_attention_layernorm")(x))
+        return x, cache
+
+
+class Llama(nn.Module):
+    """Decoder-only LLaMA. Returns float32 logits and, when a cache is given, the updated cache."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        cache: list[dict] | None = None,
+    ) -> tuple[jax.Array, list[dict] | None]:
+        c = self.config
+        if positions is None:
+            start = 0 if cache is None else cache[0]["index"]
+            positions = start + jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        embed = nn.Embed(
+            c.vocab_size,
+            c.hidden_size,
+            dtype=DTYPES[c.dtype],
+            param_dtype=DTYPES[c.param_dtype],
+            embedding_init=nn.initializers.normal(c.initializer_range),
+            name="embed_tokens",
+        )
+        x = embed(input_ids)
+        block = Block
+        if REMAT_POLICIES[c.remat_policy] is not None:
+            block = nn.remat(Block, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=True)
+        new_cache = [] if cache is not None else None
+        for i in range(c.num_hidden_layers):
+            x, layer_cache = block(c, name=f"layers_{i}")(x, positions, None if cache is None else cache[i])
+            if new_cache is not None:
+                new_cache.append(layer_cache)
+        x = RMSNorm(c, name="norm")(x)
+        if c.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = _dense(c.vocab_size, c, "lm_head")(x)
+        return logits.astype(jnp.float32), new_cache
+
+
+def init_params(config: LlamaConfig, seed: int = 0) -> dict:
+    """Fresh parameters, normal(std=initializer_range) as OpenLLaMA was initialized."""
+    dummy = jnp.zeros((1, 1), jnp.int32)
+    return Llama(config).init(jax.random.PRNGKey(seed), dummy)["params"]
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int) -> list[dict]:
+    """An empty KV cache for `max_len` positions, one entry per layer."""
+    shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
+    dtype = DTYPES[config.dtype]
+    return [
+        {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "index": jnp.array(0, jnp.int32)}
+        for _ in range(config.num_hidden_layers)
+    ]
+
+
+def config_to_dict(config: LlamaConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(values: dict) -> LlamaConfig:
+    """Inverse of `config_to_dict`; unknown keys are an error that names them."""
+    known = {f.name for f in dataclasses.fields(LlamaConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown model config fields {unknown}; allowed: {sorted(known)}")
+    return LlamaConfig(**values)
