@@ -1,0 +1,143 @@
+"""MLflow for every stage: where runs go, and a metrics logger that never stops training.
+
+Without `MLFLOW_TRACKING_URI` runs go to a local sqlite file (`./mlruns.db`, artifacts in `./mlartifacts`),
+so every command works with no server; with it, they go to that tracking server. Training logs through
+`MetricsLogger`, which buffers, batches and retries, because a tracking server that is down for a minute
+must not cost a week-long run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from openllama.config import flatten, redact
+
+log = logging.getLogger(__name__)
+
+MAX_PARAM_LENGTH = 6000
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when set, else the embedded default: a sqlite file in the working directory."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path.cwd() / 'mlruns.db'}"
+
+
+def client() -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking_uri())
+
+
+def experiment_id(name: str, mlflow_client: MlflowClient | None = None) -> str:
+    """The id of experiment `name`, created on first use (artifacts beside the sqlite file by default)."""
+    mlflow_client = mlflow_client or client()
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if tracking_uri().startswith("sqlite:///"):
+        location = (Path(tracking_uri().removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    try:
+        return mlflow_client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # created by a concurrent process in the meantime
+        return mlflow_client.get_experiment_by_name(name).experiment_id
+
+
+def params_of(config: dict[str, Any]) -> dict[str, str]:
+    """A nested config as MLflow params: flattened, secrets redacted, values cut to MLflow's limit."""
+    return {k: str(v)[:MAX_PARAM_LENGTH] for k, v in redact(flatten(config)).items()}
+
+
+def start_run(
+    experiment: str,
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+    params: dict[str, Any] | None = None,
+) -> str:
+    """Create a run, log its params and tags in one batch, and return its id."""
+    mlflow_client = client()
+    run = mlflow_client.create_run(experiment_id(experiment, mlflow_client), run_name=run_name, tags=tags or {})
+    if params:
+        mlflow_client.log_batch(
+            run.info.run_id, params=[Param(k, v) for k, v in params_of(params).items()]
+        )
+    return run.info.run_id
+
+
+@contextmanager
+def run(
+    experiment: str,
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+    params: dict[str, Any] | None = None,
+) -> Iterator[str]:
+    """A run for a short stage (data, eval): FINISHED on success, FAILED on an exception."""
+    run_id = start_run(experiment, run_name, tags, params)
+    try:
+        yield run_id
+    except BaseException:
+        client().set_terminated(run_id, "FAILED")
+        raise
+    client().set_terminated(run_id, "FINISHED")
+
+
+class MetricsLogger:
+    """Per-step metrics for one run, logged in batches; kept in memory and retried while MLflow is down.
+
+    Steps at or below `skip_through` are dropped: after a restart they were already logged by the attempt
+    that crashed, so a resumed run has each step exactly once.
+    """
+
+    def __init__(self, run_id: str, flush_every: int = 10, skip_through: int = -1):
+        self.run_id = run_id
+        self.flush_every = flush_every
+        self.skip_through = skip_through
+        self.pending: list[Metric] = []
+        self.steps_pending = 0
+
+    @classmethod
+    def resume(cls, run_id: str, key: str = "loss", flush_every: int = 10) -> MetricsLogger:
+        """A logger that skips the steps MLflow already has for `key` (the newest logged step and before)."""
+        try:
+            history = client().get_metric_history(run_id, key)
+            last = max((m.step for m in history), default=-1)
+        except Exception as error:  # server down at restart: log everything, MLflow keeps the newest value
+            log.warning("MLflow unreachable while resuming run %s (%s); not deduplicating steps", run_id, error)
+            last = -1
+        return cls(run_id, flush_every, skip_through=last)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if step <= self.skip_through:
+            return
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.steps_pending += 1
+        if self.steps_pending >= self.flush_every:
+            self.flush()
+
+    def flush(self, retries: int = 0, wait_s: float = 2.0) -> bool:
+        """Send what is pending; on failure keep it for the next flush. True when nothing is left pending."""
+        for attempt in range(retries + 1):
+            try:
+                mlflow_client = client()
+                while self.pending:  # in MLflow's batch size; what went through leaves the buffer at once
+                    mlflow_client.log_batch(self.run_id, metrics=self.pending[:1000])
+                    self.pending = self.pending[1000:]
+                self.steps_pending = 0
+                return True
+            except Exception as error:
+                log.warning("MLflow log_batch failed (%s); %d metrics buffered", error, len(self.pending))
+                if attempt < retries:
+                    time.sleep(wait_s)
+        return False
