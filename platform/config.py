@@ -62,10 +62,15 @@ def _check_value(value: Any, hint: Any, field: str) -> Any:
         return build(hint, value, prefix=field)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # PyYAML reads `3e-4` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, float) and isinstance(value, bool):
-        raise ConfigError(f"{field}={value!r} must be a {hint.__name__}, not a bool")
+        raise ConfigError(f"{field}={value!r} must be of type {hint.__name__}, not a bool")
     if isinstance(hint, type) and not isinstance(value, hint):
-        raise ConfigError(f"{field}={value!r} must be a {hint.__name__}")
+        raise ConfigError(f"{field}={value!r} must be of type {hint.__name__}")
     return value
 
 
