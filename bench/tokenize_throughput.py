@@ -7,7 +7,7 @@ All three run in this process on the same corpus and tokenizer, so the ratios ho
 Peak memory of our pipeline (driver and the largest Ray worker) is printed for two corpus sizes whose files
 differ in size, to show it does not grow with the corpus.
 
-    .venv/bin/python bench/tokenize.py [--megabytes 50] [--vocab-size 8000]
+    .venv/bin/python bench/tokenize_throughput.py [--megabytes 50] [--vocab-size 8000]
 """
 
 from __future__ import annotations

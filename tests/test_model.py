@@ -1,0 +1,97 @@
+"""The Flax LLaMA itself: cache, GQA, mixed precision, remat, parameter counts."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from openllama.train.model import Llama, LlamaConfig, init_cache, init_params
+
+TINY = LlamaConfig.preset("tiny")
+
+
+def forward(config: LlamaConfig, params: dict, ids: np.ndarray) -> np.ndarray:
+    return np.asarray(jax.jit(Llama(config).apply)({"params": params}, jnp.asarray(ids))[0])
+
+
+def random_ids(batch: int, length: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, TINY.vocab_size, (batch, length))
+
+
+def test_kv_cache_prefill_then_decode_equals_full_forward():
+    params = init_params(TINY, seed=1)
+    ids = random_ids(2, 12)
+    full = forward(TINY, params, ids)
+    apply = jax.jit(Llama(TINY).apply)
+    cache = init_cache(TINY, batch=2, max_len=16)
+    prefill, cache = apply({"params": params}, jnp.asarray(ids[:, :8]), cache=cache)
+    steps = [prefill]
+    for t in range(8, 12):
+        logits, cache = apply({"params": params}, jnp.asarray(ids[:, t : t + 1]), cache=cache)
+        steps.append(logits)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
+
+
+def test_grouped_query_attention_equals_multi_head_with_repeated_kv_heads():
+    gqa = LlamaConfig.preset("tiny", num_key_value_heads=2)
+    mha = LlamaConfig.preset("tiny")
+    params = init_params(gqa, seed=2)
+    repeated = jax.tree.map(lambda x: x, params)
+    for i in range(gqa.num_hidden_layers):
+        attn = repeated[f"layers_{i}"]["self_attn"]
+        for name in ("k_proj", "v_proj"):
+            kernel = attn[name]["kernel"].reshape(gqa.hidden_size, gqa.num_key_value_heads, gqa.head_dim)
+            group = gqa.num_attention_heads // gqa.num_key_value_heads
+            attn[name]["kernel"] = jnp.repeat(kernel, group, axis=1).reshape(gqa.hidden_size, -1)
+    ids = random_ids(2, 10)
+    np.testing.assert_allclose(forward(gqa, params, ids), forward(mha, repeated, ids), atol=1e-5)
+
+
+def test_bfloat16_compute_with_float32_params_is_close_to_float32():
+    params = init_params(TINY, seed=3)
+    ids = random_ids(2, 16)
+    exact = forward(TINY, params, ids)
+    mixed = forward(dataclasses.replace(TINY, dtype="bfloat16"), params, ids)
+    assert mixed.dtype == np.float32
+    assert np.abs(mixed - exact).max() < 0.05 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("policy", ["full"])
+def test_remat_policy_gives_the_same_loss_and_gradients_as_none(policy):
+    params = init_params(TINY, seed=4)
+    ids = jnp.asarray(random_ids(2, 16))
+
+    def loss(config, p):
+        logits = Llama(config).apply({"params": p}, ids[:, :-1])[0]
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], -1))
+
+    base_loss, base_grads = jax.jit(jax.value_and_grad(lambda p: loss(TINY, p)))(params)
+    remat = dataclasses.replace(TINY, remat_policy=policy)
+    remat_loss, remat_grads = jax.jit(jax.value_and_grad(lambda p: loss(remat, p)))(params)
+    np.testing.assert_allclose(remat_loss, base_loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(base_grads), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("preset", "count"),
+    [("7b", 6_738_415_616), ("13b", 13_015_864_320), ("3b", 3_426_473_600)],
+)
+def test_preset_parameter_counts_match_the_published_models(preset, count):
+    assert LlamaConfig.preset(preset).num_params() == count
+
+
+@pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 2}, {"tie_word_embeddings": True}])
+def test_num_params_counts_exactly_the_initialized_parameters(overrides):
+    config = LlamaConfig.preset("tiny", **overrides)
+    actual = sum(x.size for x in jax.tree.leaves(init_params(config)))
+    assert config.num_params() == actual
+
+
+def test_unknown_preset_is_an_error_listing_the_allowed_names():
+    with pytest.raises(ValueError, match=r"unknown model preset '70b'.*'7b'"):
+        LlamaConfig.preset("70b")
