@@ -56,22 +56,23 @@ def save_model(path: str | Path, params: Any, config: LlamaConfig, tokenizer: st
 
 
 def resolve(path: str | Path) -> Path:
-    """The model checkpoint a user meant: the path itself, or the newest complete one inside it."""
+    """The model checkpoint a user meant: the path itself, or a training run's newest complete checkpoint.
+
+    Accepts a model checkpoint, a run directory (`RUN/checkpoints/step_XXXXXXXX`) or its `checkpoints/`;
+    nothing deeper is searched, so a wrong path is an error rather than some other model.
+    """
     path = Path(path).absolute()
     if is_model_checkpoint(path):
         return path
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    candidates = sorted(
-        (p for p in path.rglob(MODEL_JSON) if is_model_checkpoint(p.parent) and ".tmp" not in str(p)),
-        key=lambda p: (p.stat().st_mtime, str(p)),
-    )
-    if not candidates:
+    steps = sorted(p for p in [*path.glob("step_*"), *path.glob("checkpoints/step_*")] if is_model_checkpoint(p))
+    if not steps:
         raise FileNotFoundError(
-            f"{path} is not a checkpoint: it holds no {MODEL_JSON} beside a params/ folder "
-            "(make one with `openllama train`, `openllama import-hf` or `openllama import-easylm`)"
+            f"{path} is not a checkpoint: it holds no {MODEL_JSON} beside a params/ folder, nor a training run's "
+            "checkpoints/step_* (make one with `openllama train`, `openllama import-hf` or `openllama import-easylm`)"
         )
-    return candidates[-1].parent
+    return steps[-1]
 
 
 def load_model(path: str | Path, shardings: Any = None) -> tuple[LlamaConfig, Any, Path | None]:
