@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -209,8 +208,9 @@ class OpenLlamaLM(TemplateLM):
             return [Scorer(*args)]
         import ray
 
-        if not ray.is_initialized():  # RAY_ADDRESS joins a running cluster; else start one in this process
-            ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+        from openllama.ray_jobs import connect
+
+        connect(log_to_driver=False)  # RAY_ADDRESS joins a running cluster; else an in-process Ray on 127.0.0.1
         cpus = ray.cluster_resources().get("CPU", 1.0)
         per_actor = min(1.0, cpus / (self.workers + 1))  # leave room for the driver and anything else
         actor = ray.remote(num_cpus=per_actor)(Scorer)

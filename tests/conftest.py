@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -32,3 +33,28 @@ def sp_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from openllama.data.tokenizer import train_sentencepiece
 
     return train_sentencepiece(sample_documents(), tmp_path_factory.mktemp("tokenizer"), vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory: pytest.TempPathFactory):
+    """A real `ray start --head` on 127.0.0.1 with token auth, stopped by process group at the end.
+
+    Use `ray_head.env` as the environment of subprocesses (`ray job submit`, CLI verbs); this process's own
+    environment is left alone so in-process tests keep their embedded Ray.
+    """
+    from openllama.services import start_ray_head, stop_ray_head
+
+    head = start_ray_head(tmp_path_factory.mktemp("ray_head"), num_cpus=2, object_store_bytes=512 << 20,
+                          owner_pid=os.getpid())  # stopped even if this test process is killed
+    yield head
+    stop_ray_head(head)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real `mlflow server` on 127.0.0.1 (sqlite store, served artifacts); `.uri`, `.stop()`, `.start()`."""
+    from openllama.services import start_mlflow_server
+
+    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow_server"), owner_pid=os.getpid())
+    yield server
+    server.stop()

@@ -80,14 +80,12 @@ def load_model(path: str | Path, shardings: Any = None) -> tuple[LlamaConfig, An
     path = resolve(path)
     config = config_from_dict(json.loads((path / MODEL_JSON).read_text()))
     with ocp.StandardCheckpointer() as checkpointer:
-        if shardings is None:
-            params = checkpointer.restore(path / "params")
-        else:
-            meta = checkpointer.metadata(path / "params")
-            tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
-            target = jax.tree.map(
-                lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), tree, shardings
-            )
-            params = checkpointer.restore(path / "params", target)
+        meta = checkpointer.metadata(path / "params")
+        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+        if shardings is None:  # onto this process's first device, whatever topology saved it
+            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shardings = jax.tree.map(lambda _: device, tree)
+        target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), tree, shardings)
+        params = checkpointer.restore(path / "params", target)
     tokenizer = path / TOKENIZER
     return config, params, tokenizer if tokenizer.is_file() else None

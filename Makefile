@@ -1,0 +1,38 @@
+# openllama-ray: `make demo` runs the whole pipeline on the shipped sample; `make test` is what CI runs.
+# Everything runs from .venv (created with Python 3.11 on first use; reinstalled only when pyproject.toml changes).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+DEMO := .demo
+
+.PHONY: demo test down faults bench lint
+
+$(BIN)/python:
+	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"need Python 3.11, found {sys.version}"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(INSTALLED): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e '.[test]'
+	touch $(INSTALLED)
+
+demo: $(INSTALLED)  ## start Ray + MLflow on 127.0.0.1 and run every stage as a Ray job
+	$(BIN)/openllama pipeline --out $(DEMO)
+
+down: ## stop the services `make demo` started (by their recorded process groups)
+	@if [ -x $(BIN)/openllama ]; then $(BIN)/openllama pipeline --out $(DEMO) --down; else echo "nothing to stop"; fi
+
+lint: $(INSTALLED)
+	$(BIN)/ruff check .
+
+test: lint  ## ruff, then the whole test suite (pytest exits 5 when it collects nothing: that fails too)
+	$(BIN)/pytest
+
+faults: $(INSTALLED)  ## the fault-injection tests: crashes, restarts, bad input
+	$(BIN)/pytest -m faults
+
+bench: $(INSTALLED)  ## every benchmark script; each prints ratios against a baseline it measures itself
+	@set -e; scripts="$$(ls bench/*.py 2>/dev/null)"; [ -n "$$scripts" ] || { echo "no bench/*.py scripts"; exit 1; }; \
+	for script in $$scripts; do echo "== $$script"; $(BIN)/python $$script; done

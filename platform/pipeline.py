@@ -1,0 +1,378 @@
+"""`openllama pipeline` (what `make demo` runs): every stage, as Ray jobs, on a local Ray head and MLflow.
+
+    tokenizer -> data -> train -> eval -> export -> generate
+
+Each stage is one `openllama ...` command submitted with `ray job submit`, so it runs exactly as a user
+would run it on a cluster. A stage is skipped when a ledger (OUT/ledger/STAGE.json) says it already
+finished with the same key: a content hash of its inputs, its command line and the code. A stage whose
+key changed starts from clean outputs; one that crashed with the same key is resumed by its own command.
+
+Lineage: after the stages ran, the pipeline ties their MLflow runs together with tags (see docs/platform.md):
+data run (tokenizer and manifest as artifacts, their hashes) <- train run (dataset/tokenizer hashes, git
+commit, preset, data run id) <- eval run (training run id and checkpoint step, set by `openllama eval`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from openllama import ray_jobs, services
+
+log = logging.getLogger("openllama.pipeline")
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_CORPUS = REPO / "data" / "sample" / "redpajama"
+PROMPT = r"Q: What is the largest animal?\nA:"  # `openllama generate` turns \n into a newline
+CODE_DIRS = ("platform", "data", "train", "eval", "configs")
+CODE_SUFFIXES = {".py", ".yaml", ".yml"}
+RUN_NAME = "pipeline-tiny"
+
+
+@dataclass
+class Stage:
+    """One `openllama` command run as a Ray job; `inputs` key its reuse, `outputs` are what it makes."""
+
+    name: str
+    command: list[str]
+    inputs: list[Path]
+    outputs: list[Path]
+    facts: dict[str, Any] = field(default_factory=dict)  # recorded in the ledger (run ids, hashes)
+
+
+def files_under(paths: Iterable[Path], suffixes: set[str] | None = None) -> list[Path]:
+    found = []
+    for path in paths:
+        candidates = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        found += [p for p in candidates if p.is_file() and (suffixes is None or p.suffix in suffixes)]
+    return found
+
+
+def content_hash(paths: Iterable[Path], suffixes: set[str] | None = None, root: Path | None = None) -> str:
+    """sha256 over the names (relative to `root`) and bytes of every file in `paths`."""
+    digest = hashlib.sha256()
+    for path in files_under(paths, suffixes):
+        digest.update(str(path.relative_to(root) if root else path).encode() + b"\0")
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def code_version() -> str:
+    """A hash of the project's code and configs: a change anywhere reruns every stage (safe, simple)."""
+    return content_hash([REPO / d for d in CODE_DIRS if (REPO / d).is_dir()], CODE_SUFFIXES, root=REPO)
+
+
+def git_commit() -> str:
+    """HEAD's commit, with `-dirty` when the work tree has changes; `unknown` outside a git checkout."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
+
+
+def stage_identity(stage: Stage, code: str) -> dict[str, Any]:
+    """What a stage's result depends on; its sha256 is the stage's key."""
+    identity = {"command": stage.command, "inputs_sha256": content_hash(stage.inputs), "code": code}
+    return {**identity, "key": hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()}
+
+
+def rerun_reason(ledger: dict, identity: dict) -> str:
+    if not ledger:
+        return "first run"
+    changed = [name for name in ("command", "inputs_sha256", "code") if ledger.get(name) != identity[name]]
+    if changed:
+        return "changed: " + ", ".join(changed)
+    return "resuming an unfinished run" if ledger.get("status") == "running" else "outputs missing"
+
+
+def write_json(path: Path, value: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@dataclass
+class Runner:
+    """Runs stages in order on one cluster, reusing what the ledger says is done."""
+
+    out: Path
+    api_url: str
+    client_env: dict[str, str]
+    job_env: dict[str, str]  # env_vars of every job (tracking URI, offline switches)
+    code: str
+    ran: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+
+    def run(self, stage: Stage) -> dict:
+        """The stage's ledger entry after making sure it is done (run now, or reused)."""
+        identity = stage_identity(stage, self.code)
+        ledger_path = self.out / "ledger" / f"{stage.name}.json"
+        ledger = read_json(ledger_path) or {}
+        done = ledger.get("status") == "done" and all(p.exists() for p in stage.outputs)
+        if ledger.get("key") == identity["key"] and done:
+            log.info("stage %-9s reused (inputs, command and code unchanged; %s)", stage.name, ledger_path)
+            self.reused.append(stage.name)
+            return ledger
+        reason = rerun_reason(ledger, identity)
+        if ledger.get("key") != identity["key"]:  # new inputs or settings: never resume or mix with old outputs
+            for path in stage.outputs:
+                remove(path)
+        submission_id = f"openllama-{stage.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        started = time.time()
+        entry = {"stage": stage.name, **identity, "status": "running", "submission_id": submission_id,
+                 "started": started}
+        write_json(ledger_path, entry)
+        log.info("stage %-9s (%s) submitting Ray job %s: %s", stage.name, reason, submission_id,
+                 " ".join(stage.command))
+        log_path = self.out / "logs" / f"{stage.name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        output = ray_jobs.submit(stage.command, api_url=self.api_url, env=self.client_env, working_dir=REPO,
+                                 submission_id=submission_id, env_vars=self.job_env, log_path=log_path)
+        missing = [str(p) for p in stage.outputs if not p.exists()]
+        if missing:
+            raise ray_jobs.JobFailed(f"stage {stage.name} succeeded but did not write {missing}; log {log_path}")
+        entry.update(status="done", seconds=round(time.time() - started, 1), **stage.facts,
+                     **facts_from_output(output))
+        write_json(ledger_path, entry)
+        log.info("stage %-9s done in %.0f s", stage.name, entry["seconds"])
+        self.ran.append(stage.name)
+        return entry
+
+
+def facts_from_output(output: str) -> dict[str, str]:
+    """What a stage printed that later stages need: `openllama eval` prints its MLflow run id."""
+    match = re.search(r"MLflow run (\w+) in experiment", output)
+    return {"mlflow_run_id": match.group(1)} if match else {}
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def dataset_hash(dataset: Path) -> str:
+    """The packed dataset's identity: its shards' paths and sha256s, from the manifest."""
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    shards = sorted((s["path"], s["sha256"]) for s in manifest["shards"])
+    return hashlib.sha256(json.dumps(shards).encode()).hexdigest()
+
+
+def build_stages(out: Path, corpus: Path, train_config: str, train_overrides: list[str],
+                 eval_limit: int | None, sample_docs: int, max_new_tokens: int) -> list[Stage]:
+    from openllama.train.config import load_config
+
+    tokenizer_dir, dataset, eval_dir, hf_dir = out / "tokenizer", out / "dataset", out / "eval", out / "hf"
+    overrides = [f"name={RUN_NAME}", f"output_dir={out / 'train'}", f"data.path={dataset}",
+                 f"data.tokenizer={tokenizer_dir / 'tokenizer.model'}", "data.build_from=null",
+                 "scaling.num_workers=2", *train_overrides]
+    config = load_config(train_config, overrides)  # fails here, before any job, on a bad setting
+    if Path(train_config).is_file():  # jobs run in an uploaded copy of the repo: name the file inside it
+        path = Path(train_config).absolute()
+        train_config = str(path.relative_to(REPO) if path.is_relative_to(REPO) else path)
+    run_dir = config.run_dir
+    generated = out / "generate" / "output.txt"
+    eval_command = ["openllama", "eval", str(run_dir), "--tasks", "openllama_local", "--output", str(eval_dir)]
+    if eval_limit is not None:
+        eval_command += ["--limit", str(eval_limit)]
+    generate = ["openllama", "generate", str(run_dir), "--prompt", PROMPT, "--max-new-tokens", str(max_new_tokens)]
+    # through a temporary name, so a crash never leaves a partial output.txt that looks finished
+    generate_shell = (f"set -o pipefail; mkdir -p {generated.parent} && "
+                      f"{' '.join(map(shlex.quote, generate))} | tee {generated}.tmp && mv {generated}.tmp {generated}")
+    model = tokenizer_dir / "tokenizer.model"
+    vocab_size = config.llama().vocab_size
+    return [
+        Stage("tokenizer", ["openllama", "tokenizer", "train", str(corpus), "--out", str(tokenizer_dir),
+                            "--vocab-size", str(vocab_size), "--sample-docs", str(sample_docs)],
+              inputs=[corpus], outputs=[tokenizer_dir]),
+        Stage("data", ["openllama", "data", "tokenize", str(corpus), "--tokenizer", str(model),
+                       "--out", str(dataset), "--seq-len", str(config.train.seq_len)],
+              inputs=[corpus, model], outputs=[dataset], facts={"corpus": str(corpus)}),
+        Stage("train", ["openllama", "train", train_config, *overrides], inputs=[dataset, model],
+              outputs=[run_dir], facts={"preset": config.model.preset, "config": train_config}),
+        Stage("eval", eval_command, inputs=[run_dir / "checkpoints"], outputs=[eval_dir / "results.json"]),
+        Stage("export", ["openllama", "export-hf", str(run_dir), str(hf_dir)],
+              inputs=[run_dir / "checkpoints"], outputs=[hf_dir]),
+        Stage("generate", ["bash", "-c", generate_shell], inputs=[run_dir / "checkpoints"], outputs=[generated]),
+    ]
+
+
+def record_lineage(client: Any, out: Path, ledgers: dict[str, dict], commit: str) -> dict[str, str]:
+    """Tie the stages' MLflow runs together with tags and artifacts; returns {stage: run id}."""
+    tokenizer = out / "tokenizer" / "tokenizer.model"
+    dataset = out / "dataset"
+    hashes = {"tokenizer_sha256": sha256_file(tokenizer), "dataset_sha256": dataset_hash(dataset)}
+    runs: dict[str, str] = {}
+
+    data_runs = client.search_runs(
+        [client.get_experiment_by_name("data").experiment_id],
+        filter_string=f"params.out_dir = '{dataset}'", order_by=["attributes.start_time DESC"], max_results=1,
+    ) if client.get_experiment_by_name("data") else []
+    if data_runs:
+        runs["data"] = data_runs[0].info.run_id
+        for key, value in hashes.items():
+            client.set_tag(runs["data"], key, value)
+        client.set_tag(runs["data"], "corpus", ledgers["data"]["corpus"])
+        artifacts = client.list_artifacts(runs["data"], "tokenizer")
+        if not artifacts:
+            client.log_artifact(runs["data"], str(tokenizer), "tokenizer")
+            client.log_artifact(runs["data"], str(out / "tokenizer" / "tokenizer_settings.json"), "tokenizer")
+            client.log_artifact(runs["data"], str(dataset / "manifest.json"), "dataset")
+
+    train_id_file = out / "train" / RUN_NAME / "mlflow_run_id"  # written by `openllama train`
+    if train_id_file.is_file():
+        runs["train"] = train_id_file.read_text().strip()
+        tags = {**hashes, "git_commit": commit, "preset": ledgers["train"]["preset"],
+                "train_config": ledgers["train"]["config"]}
+        if "data" in runs:
+            tags["data_run_id"] = runs["data"]
+        for key, value in tags.items():
+            client.set_tag(runs["train"], key, value)
+
+    if ledgers["eval"].get("mlflow_run_id"):
+        runs["eval"] = ledgers["eval"]["mlflow_run_id"]  # `openllama eval` tags training run and step itself
+        client.set_tag(runs["eval"], "git_commit", commit)
+    return runs
+
+
+def start_services(state: Path) -> tuple[services.RayHead, services.MlflowServer]:
+    """The recorded local services when they still run, else new ones."""
+    head = services.read_ray_head(state)
+    if head is None or not head.pids():
+        if head is not None:
+            services.stop_ray_head(head)  # a stale record (machine restarted, processes killed)
+        log.info("starting a Ray head on 127.0.0.1 (state in %s)", state)
+        head = services.start_ray_head(state)
+    server = services.read_mlflow_server(state)
+    if server is None or not server.pids():
+        log.info("starting an MLflow server on 127.0.0.1 (store in %s)", state)
+        server = services.start_mlflow_server(state, port=server.port if server else None)
+    return head, server
+
+
+def default_address() -> str | None:
+    """RAY_API_SERVER_ADDRESS, or RAY_ADDRESS when it is a job API URL (http://HOST:8265)."""
+    ray_address = os.environ.get("RAY_ADDRESS", "")
+    return os.environ.get("RAY_API_SERVER_ADDRESS") or (ray_address if ray_address.startswith("http") else None)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="openllama pipeline",
+        description="Run tokenizer -> data -> train -> eval -> export -> generate as Ray jobs. Without "
+                    "--address it starts (or reuses) a Ray head and an MLflow server on 127.0.0.1.",
+    )
+    parser.add_argument("--out", default=".demo", help="folder for services, outputs, ledgers and logs")
+    parser.add_argument("--corpus", default=str(SAMPLE_CORPUS), help="RedPajama jsonl folder")
+    parser.add_argument("--train-config", default="configs/train/tiny-cpu.yaml")
+    parser.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra `openllama train` setting, e.g. train.steps=50 (repeatable)")
+    parser.add_argument("--sample-docs", type=int, default=2000, help="documents the tokenizer trains on")
+    parser.add_argument("--eval-limit", type=int, default=None, help="documents per eval task (default: all)")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--address", default=default_address(),
+                        help="an existing cluster's job API, e.g. http://127.0.0.1:8265 (its outputs folder "
+                             "must be shared with this machine); default: a local head")
+    parser.add_argument("--down", action="store_true", help="stop the services recorded in OUT and exit")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    out = Path(args.out).absolute()
+    state = out / "services"
+    if args.down:
+        stopped = services.stop_all(state)
+        print("\n".join(f"stopped {s}" for s in stopped) or f"no services recorded in {state}")
+        return 0
+    corpus = Path(args.corpus).absolute()
+    if not corpus.exists():
+        print(f"openllama pipeline: --corpus {corpus} does not exist", file=sys.stderr)
+        return 2
+    from openllama.config import ConfigError
+
+    try:
+        stages = build_stages(out, corpus, args.train_config, args.train_override, args.eval_limit,
+                              args.sample_docs, args.max_new_tokens)
+    except ConfigError as error:
+        print(f"openllama pipeline: {error}", file=sys.stderr)
+        return 2
+
+    started = time.time()
+    head = None
+    if args.address:
+        tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if tracking_uri is None:
+            print("openllama pipeline: with --address, set MLFLOW_TRACKING_URI to a tracking server the cluster "
+                  "reaches", file=sys.stderr)
+            return 2
+        try:
+            api_url, client_env = args.address, ray_jobs.client_env(args.address)
+        except (ray_jobs.RayAuthError, ConnectionError) as error:
+            print(f"openllama pipeline: {error}", file=sys.stderr)
+            return 1
+    else:
+        head, server = start_services(state)
+        api_url, client_env = head.dashboard_url, {**os.environ, **head.env}
+        tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or server.uri
+    job_env = {"MLFLOW_TRACKING_URI": tracking_uri, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "PYTHONUNBUFFERED": "1"}
+    runner = Runner(out, api_url, client_env, job_env, code_version())
+    try:
+        ledgers = {stage.name: runner.run(stage) for stage in stages}
+    except ray_jobs.JobFailed as error:
+        print(f"\nopenllama pipeline: {error}", file=sys.stderr)
+        return 1
+
+    import mlflow
+
+    runs = record_lineage(mlflow.MlflowClient(tracking_uri), out, ledgers, git_commit())
+    write_json(out / "lineage.json", {"tracking_uri": tracking_uri, "runs": runs})
+    summary = [
+        f"\npipeline finished in {time.time() - started:.0f} s; ran: {', '.join(runner.ran) or 'nothing'}; "
+        f"reused: {', '.join(runner.reused) or 'nothing'}",
+        f"  MLflow UI      {tracking_uri}   (experiments data, openllama-train, eval; runs {runs})",
+        f"  Ray dashboard  {api_url}" + (f"   (token: {head.token_path})" if head else ""),
+        f"  outputs        {out}/tokenizer, dataset, train/{RUN_NAME}, eval, hf, generate/output.txt",
+        f"  job logs       {out}/logs/STAGE.log   ledgers {out}/ledger/STAGE.json",
+    ]
+    if head:
+        summary.append(f"  stop services  make down   (or: openllama pipeline --out {args.out} --down)")
+    print("\n".join(summary))
+    print("\ngenerated:\n" + (out / "generate" / "output.txt").read_text())
+    return 0

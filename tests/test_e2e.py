@@ -1,0 +1,147 @@
+"""The whole pipeline as a user runs it: a real Ray head and MLflow server on loopback, every stage a Ray job.
+
+One pipeline run (module fixture) on a reduced sample of the shipped corpus, then one assertion per test
+on what it left: Ray jobs, MLflow runs with their lineage, the Hugging Face export, the generated text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample" / "redpajama"
+STAGES = ["tokenizer", "data", "train", "eval", "export", "generate"]
+DOCS_PER_SUBSET = 12
+
+
+def run_pipeline(out: Path, corpus: Path, ray_head, mlflow_server) -> subprocess.CompletedProcess:
+    env = {**os.environ, **ray_head.env, "MLFLOW_TRACKING_URI": mlflow_server.uri,
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [
+        sys.executable, "-m", "openllama.cli", "pipeline", "--out", str(out), "--corpus", str(corpus),
+        "--address", ray_head.dashboard_url, "--sample-docs", "200", "--eval-limit", "4", "--max-new-tokens", "8",
+        "--train-override", "train.steps=8", "--train-override", "optimizer.warmup_steps=2",
+        "--train-override", "train.log_every=2", "--train-override", "eval.every_steps=0",
+    ]
+    return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """The shipped sample, first DOCS_PER_SUBSET documents of each subset."""
+    root = tmp_path_factory.mktemp("corpus")
+    for path in sorted(SAMPLE.glob("*.jsonl")):
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)[:DOCS_PER_SUBSET]
+        (root / path.name).write_text("".join(lines), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, corpus, ray_head, mlflow_server):
+    out = tmp_path_factory.mktemp("pipeline")
+    result = run_pipeline(out, corpus, ray_head, mlflow_server)
+    assert result.returncode == 0, f"pipeline failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def lineage(demo) -> dict[str, str]:
+    out, _ = demo
+    return json.loads((out / "lineage.json").read_text())["runs"]
+
+
+@pytest.fixture(scope="module")
+def client(mlflow_server):
+    from mlflow import MlflowClient
+
+    return MlflowClient(mlflow_server.uri)
+
+
+def test_every_stage_ran_as_a_succeeded_ray_job(demo, ray_head):
+    out, _ = demo
+    ids = {stage: json.loads((out / "ledger" / f"{stage}.json").read_text())["submission_id"] for stage in STAGES}
+    token = Path(ray_head.token_path).read_text().strip()
+    request = urllib.request.Request(f"{ray_head.dashboard_url}/api/jobs/",
+                                     headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        jobs = {job["submission_id"]: job["status"] for job in json.loads(response.read())}
+    assert {stage: jobs.get(job_id) for stage, job_id in ids.items()} == dict.fromkeys(STAGES, "SUCCEEDED")
+
+
+def test_data_run_holds_the_tokenizer_and_manifest_with_their_hashes(demo, lineage, client):
+    import hashlib
+
+    out, _ = demo
+    run = client.get_run(lineage["data"])
+    tokenizer_sha = hashlib.sha256((out / "tokenizer" / "tokenizer.model").read_bytes()).hexdigest()
+    assert run.data.tags["tokenizer_sha256"] == tokenizer_sha
+    assert len(run.data.tags["dataset_sha256"]) == 64
+    artifacts = {a.path for d in ("tokenizer", "dataset") for a in client.list_artifacts(run.info.run_id, d)}
+    assert {"tokenizer/tokenizer.model", "dataset/manifest.json"} <= artifacts
+
+
+def test_training_run_is_tagged_with_data_lineage_and_logged_its_loss(lineage, client):
+    run = client.get_run(lineage["train"])
+    data = client.get_run(lineage["data"]).data.tags
+    tags = run.data.tags
+    assert tags["data_run_id"] == lineage["data"]
+    assert (tags["dataset_sha256"], tags["tokenizer_sha256"]) == (data["dataset_sha256"], data["tokenizer_sha256"])
+    assert tags["preset"] == "tiny" and tags["git_commit"]
+    assert run.info.status == "FINISHED"
+    assert len(client.get_metric_history(run.info.run_id, "loss")) >= 2
+
+
+def test_eval_run_names_the_training_run_and_checkpoint_step(lineage, client):
+    tags = client.get_run(lineage["eval"]).data.tags
+    assert tags["training_run_id"] == lineage["train"]
+    assert tags["checkpoint_step"] == "8"
+
+
+def test_export_loads_in_transformers(demo):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    out, _ = demo
+    model = LlamaForCausalLM.from_pretrained(out / "hf", local_files_only=True)
+    logits = model(torch.tensor([[1, 5, 9]])).logits
+    assert logits.shape == (1, 3, model.config.vocab_size)
+    assert torch.isfinite(logits).all()
+
+
+def test_generate_writes_the_prompt_and_a_continuation(demo):
+    out, result = demo
+    text = (out / "generate" / "output.txt").read_text()
+    prompt = "Q: What is the largest animal?\nA:"
+    assert text.startswith(prompt) and len(text) > len(prompt)
+    assert prompt in result.stdout
+
+
+def test_a_second_run_reuses_every_stage(demo, corpus, ray_head, mlflow_server):
+    out, _ = demo
+    ledgers = {s: (out / "ledger" / f"{s}.json").read_text() for s in STAGES}
+    again = run_pipeline(out, corpus, ray_head, mlflow_server)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "ran: nothing; reused: " + ", ".join(STAGES) in again.stdout, again.stderr[-3000:]
+    assert {s: (out / "ledger" / f"{s}.json").read_text() for s in STAGES} == ledgers
+
+
+def test_runs_notebook_plots_loss_and_eval_results_from_mlflow(demo, mlflow_server, tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(REPO / "notebooks" / "runs.ipynb", as_version=4)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri, "MPLBACKEND": "Agg"}
+    client = NotebookClient(notebook, timeout=180, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}})
+    client.execute(env=env)  # the kernel's environment: given to execute(), NotebookClient() ignores it
+    images = [o for cell in notebook.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+    text = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
+    assert len(images) >= 2
+    assert "pipeline-tiny" in text

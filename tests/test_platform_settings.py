@@ -1,0 +1,30 @@
+"""`openllama config show`: the resolved config a command would run with."""
+
+from __future__ import annotations
+
+import yaml
+
+from openllama.cli import main as cli
+
+
+def test_show_prints_a_training_config_with_overrides_applied_and_the_model_spelled_out(capsys):
+    assert cli(["config", "show", "tiny-cpu", "train.steps=50"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["train"]["steps"] == 50
+    assert shown["resolved_model"]["hidden_size"] == 64
+
+
+def test_show_prints_a_model_preset(capsys):
+    assert cli(["config", "show", "7b"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["hidden_size"] == 4096
+
+
+def test_an_unknown_preset_is_an_error_that_lists_the_known_ones(capsys):
+    assert cli(["config", "show", "tiny-gpu"]) == 2
+    error = capsys.readouterr().err
+    assert "unknown preset 'tiny-gpu'" in error and "tiny-cpu" in error and "7b" in error
+
+
+def test_a_misspelled_override_names_the_field(capsys):
+    assert cli(["config", "show", "tiny-cpu", "train.stepz=5"]) == 2
+    assert "unknown field train.stepz" in capsys.readouterr().err
