@@ -1,0 +1,263 @@
+"""Training end to end on a real packed dataset: in one process, and under Ray Train's JaxTrainer with
+1 and 2 real worker processes (one jax.distributed system over gloo), a killed worker, a resumed run."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from openllama.train.config import TrainConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample" / "redpajama"
+SEQ_LEN = 32
+STEPS = 10
+
+
+def on_cluster(ray_head, *command: str, tracking_uri: str | None = None) -> None:
+    """Run a command as a client of the session's Ray head (this process keeps its own Ray state)."""
+    env = {**os.environ, **ray_head.env, "HF_HUB_OFFLINE": "1"}
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def dataset(ray_head, sp_model, tmp_path_factory) -> Path:
+    """A packed dataset (train + validation) of the shipped sample corpus, else of two stdlib 'subsets'."""
+    root = tmp_path_factory.mktemp("packed")
+    inputs = SAMPLE
+    if not SAMPLE.is_dir():
+        import sysconfig
+
+        inputs = root / "corpus"
+        sources = sorted(Path(sysconfig.get_path("stdlib")).glob("*.py"))[:80]
+        for i, subset in enumerate(["github", "wikipedia"]):
+            (inputs / subset).mkdir(parents=True)
+            with open(inputs / subset / "part.jsonl", "w") as f:
+                for path in sources[i::2]:
+                    f.write(json.dumps({"text": path.read_text(encoding="utf-8")}) + "\n")
+    out = root / "data"
+    build = ("from openllama.data.pipeline import tokenize_dataset; "
+             f"tokenize_dataset([{str(inputs)!r}], {str(sp_model)!r}, {str(out)!r}, seq_len={SEQ_LEN}, "
+             "val_fraction=0.2, track=False)")
+    on_cluster(ray_head, sys.executable, "-c", build)
+    return out
+
+
+@pytest.fixture(scope="module")
+def base(dataset, tmp_path_factory) -> list[str]:
+    """Overrides every run here shares: the dataset, a short schedule, and one JAX compilation cache."""
+    return [
+        f"data.path={dataset}", f"train.seq_len={SEQ_LEN}", f"train.steps={STEPS}", "train.global_batch_size=8",
+        "train.log_every=1", "optimizer.warmup_steps=2", "checkpoint.every_steps=5", "eval.every_steps=5",
+        "eval.batches=1", "device.peak_flops=1e11",
+        f"device.compilation_cache_dir={tmp_path_factory.mktemp('jax_cache')}",
+    ]
+
+
+def tiny(base: list[str], out: Path, *overrides: str) -> TrainConfig:
+    return load_config("tiny-cpu", [*base, f"output_dir={out}", *overrides])
+
+
+@dataclass
+class Finished:
+    config: TrainConfig
+    run_id: str | None
+    tracking_uri: str
+
+    def history(self, key: str = "loss") -> dict[int, list[float]]:
+        from mlflow.tracking import MlflowClient
+
+        steps: dict[int, list[float]] = {}
+        for metric in MlflowClient(self.tracking_uri).get_metric_history(self.run_id, key):
+            steps.setdefault(metric.step, []).append(metric.value)
+        return steps
+
+    def losses(self) -> dict[int, float]:
+        return {step: values[0] for step, values in self.history().items()}
+
+    def final_params(self):
+        """The newest checkpoint's params on this process's one device (it was saved by 1 or 2 processes)."""
+        from openllama.train.checkpoint import load_model
+        from openllama.train.run import complete_checkpoints
+
+        return load_model(complete_checkpoints(self.config.run_dir)[-1][1])[1]
+
+
+def train(ray_head, overrides: list[str], tracking_uri: str) -> Finished:
+    """`openllama train tiny-cpu OVERRIDES` as a client of the Ray head, as a user runs it."""
+    from openllama.train.run import RUN_ID_FILE
+
+    on_cluster(ray_head, sys.executable, "-m", "openllama.cli", "train", "tiny-cpu", *overrides,
+               tracking_uri=tracking_uri)
+    config = load_config("tiny-cpu", overrides)
+    return Finished(config, (config.run_dir / RUN_ID_FILE).read_text().strip(), tracking_uri)
+
+
+@pytest.fixture(scope="module")
+def one_worker(ray_head, base, tmp_path_factory) -> Finished:
+    """One worker, submitted with `ray job submit --working-dir . -- openllama train ...`."""
+    from openllama.ray_jobs import submit
+    from openllama.train.run import RUN_ID_FILE
+
+    out = tmp_path_factory.mktemp("one_worker")
+    tracking_uri = f"sqlite:///{out}/mlruns.db"
+    overrides = [*base, f"output_dir={out}", f"tracking.uri={tracking_uri}"]
+    submit(["openllama", "train", "tiny-cpu", *overrides], api_url=ray_head.dashboard_url,
+           env={**os.environ, **ray_head.env}, working_dir=REPO, submission_id=f"train-{out.name}",
+           echo=io.StringIO(), log_path=out / "job.log")
+    config = load_config("tiny-cpu", overrides)
+    return Finished(config, (config.run_dir / RUN_ID_FILE).read_text().strip(), tracking_uri)
+
+
+@pytest.fixture(scope="module")
+def two_workers_killed(ray_head, base, tmp_path_factory, mlflow_server) -> Finished:
+    """dp=2 over 2 worker processes; rank 0 exits hard after step 7 and Ray Train restarts the group."""
+    out = tmp_path_factory.mktemp("two_workers")
+    overrides = [*base, f"output_dir={out}", "scaling.num_workers=2", "scaling.max_failures=1",
+                 "fault.kill_at_step=7"]
+    return train(ray_head, overrides, mlflow_server.uri)
+
+
+@pytest.fixture(scope="module")
+def fsdp_resumed(ray_head, base, one_worker, tmp_path_factory) -> Finished:
+    """fsdp=2 over 2 workers, resumed from the 1-worker run's step-5 checkpoint."""
+    from openllama.train.run import step_dir
+
+    out = tmp_path_factory.mktemp("fsdp_resumed")
+    overrides = [*base, f"output_dir={out}", "scaling.num_workers=2", "mesh.dp=1", "mesh.fsdp=2"]
+    shutil.copytree(step_dir(one_worker.config.run_dir, 5), step_dir(tiny(base, out).run_dir, 5))
+    return train(ray_head, overrides, f"sqlite:///{out}/mlruns.db")
+
+
+def assert_same_params(a, b, atol: float) -> None:
+    import jax
+
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol)
+
+
+# --- in one process (the worker loop without Ray) ----------------------------------------------------------
+
+
+def run_in_process(config: TrainConfig) -> dict:
+    from openllama.train.run import Trainer
+
+    return Trainer(config, None).fit(lambda metrics, checkpoint: None)
+
+
+def test_loss_falls_on_the_sample_corpus(base, tmp_path):
+    config = tiny(base, tmp_path, "train.steps=40", "tracking.enabled=false", "eval.every_steps=0",
+                  "checkpoint.every_steps=40")
+    final = run_in_process(config)
+    initial_loss = float(np.log(config.llama().vocab_size))  # uniform prediction at init
+    assert final["loss"] < initial_loss - 1.0
+
+
+def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(base, tmp_path):
+    from openllama.train.run import NonFiniteLoss, complete_checkpoints
+
+    config = tiny(base, tmp_path, "checkpoint.every_steps=2", "fault.nan_at_step=3", "tracking.enabled=false",
+                  "eval.every_steps=0")
+    with pytest.raises(NonFiniteLoss, match=r"step 3: loss=nan .* last good checkpoint"):
+        run_in_process(config)
+    assert [step for step, _ in complete_checkpoints(config.run_dir)] == [2]
+
+
+def test_nonfinite_loss_is_skipped_when_configured(base, tmp_path):
+    config = tiny(base, tmp_path, "train.on_nonfinite=skip", "fault.nan_at_step=9", "tracking.enabled=false",
+                  "eval.every_steps=0")
+    assert run_in_process(config)["step"] == STEPS
+
+
+# --- under Ray Train -------------------------------------------------------------------------------------
+
+
+def test_two_workers_give_the_same_loss_per_step_as_one(one_worker, two_workers_killed):
+    single, double = one_worker.losses(), two_workers_killed.losses()
+    assert sorted(single) == sorted(double) == list(range(1, STEPS + 1))
+    for step in single:
+        assert abs(single[step] - double[step]) <= 1e-5, step
+
+
+def test_killed_worker_run_ends_with_the_parameters_of_an_uninterrupted_run(one_worker, two_workers_killed):
+    assert (two_workers_killed.config.run_dir / "fault_killed_at_7").exists()  # the fault did happen
+    assert_same_params(two_workers_killed.final_params(), one_worker.final_params(), atol=1e-5)
+
+
+def test_restarted_run_logs_each_step_once_in_mlflow(two_workers_killed):
+    history = two_workers_killed.history()
+    assert sorted(history) == list(range(1, STEPS + 1))
+    assert all(len(values) == 1 for values in history.values())
+
+
+def test_fsdp_run_resumed_from_a_one_worker_checkpoint_continues_the_same_curve(one_worker, fsdp_resumed):
+    single, resumed = one_worker.losses(), fsdp_resumed.losses()
+    assert sorted(resumed) == list(range(6, STEPS + 1))
+    for step in resumed:
+        assert abs(single[step] - resumed[step]) <= 1e-5, step
+    assert_same_params(fsdp_resumed.final_params(), one_worker.final_params(), atol=1e-5)
+
+
+def test_held_out_perplexity_is_logged_per_subset(one_worker):
+    from openllama.data.shards import PackedDataset
+
+    subsets = PackedDataset.open(one_worker.config.data.path, split="validation").subsets
+    assert subsets
+    for subset in subsets:
+        ppl = one_worker.history(f"val/{subset}/ppl")
+        loss = one_worker.history(f"val/{subset}/loss")
+        assert sorted(ppl) == [5, 10]
+        assert ppl[10][0] == pytest.approx(np.exp(loss[10][0]), rel=1e-5)
+
+
+def test_run_records_throughput_and_mfu(one_worker):
+    for key in ("tokens_per_s", "mfu", "grad_norm", "learning_rate", "tokens_seen", "step_time_s"):
+        assert sorted(one_worker.history(key)) == list(range(1, STEPS + 1)), key
+    assert one_worker.history("tokens_seen")[STEPS][0] == STEPS * 8 * SEQ_LEN
+
+
+def test_step_checkpoint_is_a_model_checkpoint(one_worker):
+    from openllama.train.checkpoint import load_model
+
+    config, params, tokenizer = load_model(one_worker.config.run_dir)
+    assert config == one_worker.config.llama()
+    assert tokenizer is not None and tokenizer.is_file()
+    assert params["embed_tokens"]["embedding"].shape == (512, 64)
+
+
+def test_mlflow_run_has_the_config_and_finishes(one_worker):
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(one_worker.tracking_uri).get_run(one_worker.run_id)
+    assert run.data.params["train.global_batch_size"] == "8"
+    assert run.data.params["optimizer.b2"] == "0.95"
+    assert run.info.status == "FINISHED"
+
+
+def test_partial_checkpoint_is_removed_and_never_loaded(base, tmp_path):
+    from openllama.train.run import complete_checkpoints, step_dir
+
+    config = tiny(base, tmp_path, "tracking.enabled=false", "eval.every_steps=0")
+    partial = step_dir(config.run_dir, 5).parent / ".step_00000005.tmp"
+    (partial / "params").mkdir(parents=True)
+    run_in_process(config)
+    assert not partial.exists()
+    assert [step for step, _ in complete_checkpoints(config.run_dir)] == [5, STEPS]
+
+
+def test_openllama_train_runs_as_a_ray_job(one_worker):
+    log = (Path(one_worker.config.output_dir) / "job.log").read_text()
+    assert "trained tiny-cpu" in log
+    assert (one_worker.config.run_dir / "checkpoints" / f"step_{STEPS:08d}" / "model.json").is_file()

@@ -1,0 +1,43 @@
+"""One rules table lays out every parameter; optimizer state follows its parameter."""
+
+from __future__ import annotations
+
+import jax
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from openllama.train.model import LlamaConfig, init_params
+from openllama.train.sharding import make_mesh, param_specs, spec_for, state_shardings
+
+
+def test_rules_follow_the_easylm_layout():
+    assert spec_for("embed_tokens/embedding") == P("fsdp", "tp")
+    assert spec_for("layers_3/self_attn/k_proj/kernel") == P("fsdp", "tp")
+    assert spec_for("layers_3/self_attn/o_proj/kernel") == P("tp", "fsdp")
+    assert spec_for("layers_3/mlp/up_proj/kernel") == P("fsdp", "tp")
+    assert spec_for("layers_3/mlp/down_proj/kernel") == P("tp", "fsdp")
+    assert spec_for("layers_3/post_attention_layernorm/weight") == P()
+    assert spec_for("norm/weight") == P()
+    assert spec_for("lm_head/kernel") == P("fsdp", "tp")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_every_parameter_of_the_model_matches_a_rule(tied):
+    params = jax.eval_shape(lambda: init_params(LlamaConfig.preset("tiny", tie_word_embeddings=tied), 0))
+    specs = jax.tree.leaves(param_specs(params), is_leaf=lambda x: isinstance(x, P))
+    assert len(specs) == len(jax.tree.leaves(params))
+
+
+def test_unknown_parameter_is_an_error_naming_it():
+    with pytest.raises(ValueError, match="layers_0/mystery/kernel matches no rule"):
+        spec_for("layers_0/mystery/kernel")
+
+
+def test_adam_moments_are_sharded_like_their_parameter():
+    params = jax.eval_shape(lambda: init_params(LlamaConfig.preset("tiny"), 0))
+    opt_state = jax.eval_shape(optax.adamw(1e-3).init, params)
+    shardings = state_shardings(opt_state, params, make_mesh((1, 1, 1)))
+    mu = shardings[0].mu
+    assert mu["layers_1"]["mlp"]["down_proj"]["kernel"].spec == P("tp", "fsdp")
+    assert shardings[0].count.spec == P()

@@ -1,0 +1,222 @@
+"""What `openllama train` reads: one typed config, loaded from `configs/train/<preset>.yaml` plus overrides.
+
+Every check that can fail before a worker starts fails here, with the field named and what is allowed,
+so a 7B job never dies on a TPU pod because of a typo.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from openllama.config import ConfigError, load
+from openllama.train.model import LlamaConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "train"
+
+
+@dataclass
+class ModelSection:
+    """A `LlamaConfig` preset; dtypes and remat are the usual knobs, any other field goes in `overrides`."""
+
+    preset: str = "tiny"
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    remat_policy: str = "none"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataSection:
+    path: str = "runs/data/tiny-cpu"  # packed dataset root (the output of `openllama data tokenize`)
+    tokenizer: str | None = None  # default: <path>/tokenizer.model
+    build_from: str | None = None  # jsonl corpus to tokenize into `path` when it is missing (tiny runs)
+    weights: dict[str, float] | None = None  # subset -> sampling weight; None = LLaMA's mixture
+
+
+@dataclass
+class TrainSection:
+    steps: int = 200
+    seq_len: int = 128
+    global_batch_size: int = 16  # sequences per optimizer step, over all workers
+    micro_batches: int = 1  # gradient accumulation: the global batch is processed in this many pieces
+    seed: int = 0
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/Inf loss stops the run, or its update is skipped
+    log_every: int = 10  # steps between progress log lines and MLflow flushes
+
+
+@dataclass
+class OptimizerSection:
+    """AdamW as OpenLLaMA/LLaMA: linear warmup, cosine decay to `end_lr`, global-norm clipping."""
+
+    peak_lr: float = 3e-4
+    end_lr: float = 3e-5
+    warmup_steps: int = 2000
+    decay_steps: int | None = None  # default: train.steps
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    decay_embeddings: bool = False  # weight decay on token embeddings (norms are never decayed)
+
+
+@dataclass
+class MeshSection:
+    """Device mesh (dp, fsdp, tp); -1 in one axis takes all devices the others leave."""
+
+    dp: int = -1
+    fsdp: int = 1
+    tp: int = 1
+
+
+@dataclass
+class ScalingSection:
+    num_workers: int = 1
+    use_tpu: bool = False
+    use_gpu: bool = False
+    topology: str | None = None  # TPU slice topology, e.g. "4x4x4" (use_tpu only)
+    accelerator_type: str | None = None  # e.g. "TPU-V4"
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0  # worker-group restarts Ray Train makes, each resuming from the newest checkpoint
+
+
+@dataclass
+class CheckpointSection:
+    every_steps: int = 100  # and always at the end
+    keep: int = 3  # newest complete step checkpoints kept
+
+
+@dataclass
+class EvalSection:
+    every_steps: int = 100  # held-out perplexity per subset; 0 disables it
+    batches: int = 2  # validation batches of eval.batch_size per subset
+
+
+@dataclass
+class TrackingSection:
+    enabled: bool = True
+    experiment: str = "openllama-train"
+    uri: str | None = None  # default: MLFLOW_TRACKING_URI, else ./mlruns.db
+
+
+@dataclass
+class DeviceSection:
+    peak_flops: float | None = None  # per device, for MFU; None = known table (TPU/GPU) or measured (CPU)
+    compilation_cache: bool = True  # reuse compiled steps across restarts and runs (JAX persistent cache)
+    compilation_cache_dir: str | None = None  # default: <output_dir>/jax_cache
+
+
+@dataclass
+class FaultSection:
+    """Test-only fault injection."""
+
+    kill_at_step: int | None = None  # the rank-0 worker process exits hard after this step (once per run)
+    nan_at_step: int | None = None  # parameters are poisoned with NaN just before this step
+
+
+@dataclass
+class TrainConfig:
+    name: str = "tiny-cpu"
+    output_dir: str = "runs"  # the run lives in <output_dir>/<name>: checkpoints, Ray Train state, MLflow id
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    mesh: MeshSection = field(default_factory=MeshSection)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+    device: DeviceSection = field(default_factory=DeviceSection)
+    fault: FaultSection = field(default_factory=FaultSection)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir).absolute() / self.name
+
+    @property
+    def compilation_cache_dir(self) -> Path | None:
+        if not self.device.compilation_cache:
+            return None
+        return Path(self.device.compilation_cache_dir or Path(self.output_dir) / "jax_cache").absolute()
+
+    def llama(self) -> LlamaConfig:
+        m = self.model
+        try:
+            return LlamaConfig.preset(
+                m.preset, param_dtype=m.param_dtype, dtype=m.dtype, remat_policy=m.remat_policy, **m.overrides
+            )
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"model: {error}") from error
+
+    def decay_steps(self) -> int:
+        return self.optimizer.decay_steps or self.train.steps
+
+
+def mesh_shape(config: TrainConfig, device_count: int) -> tuple[int, int, int]:
+    """(dp, fsdp, tp) for `device_count` devices, with a -1 axis filled in; errors name the mesh fields."""
+    axes = {"dp": config.mesh.dp, "fsdp": config.mesh.fsdp, "tp": config.mesh.tp}
+    free = [name for name, size in axes.items() if size == -1]
+    if len(free) > 1 or any(size == 0 or size < -1 for size in axes.values()):
+        raise ConfigError(f"mesh={axes}: sizes must be positive, with at most one -1 (fill the rest)")
+    fixed = 1
+    for size in axes.values():
+        fixed *= size if size != -1 else 1
+    if free:
+        if device_count % fixed:
+            raise ConfigError(f"mesh={axes} does not divide the {device_count} devices")
+        axes[free[0]] = device_count // fixed
+    elif fixed != device_count:
+        raise ConfigError(f"mesh={axes} uses {fixed} devices but there are {device_count}; set one axis to -1")
+    return axes["dp"], axes["fsdp"], axes["tp"]
+
+
+def validate(config: TrainConfig, device_count: int | None = None) -> None:
+    """Everything checkable before workers start; `device_count` defaults to one device per worker."""
+    t, o = config.train, config.optimizer
+    llama = config.llama()
+    positive = {
+        "train.steps": t.steps, "train.seq_len": t.seq_len, "train.global_batch_size": t.global_batch_size,
+        "train.micro_batches": t.micro_batches, "train.log_every": t.log_every,
+        "scaling.num_workers": config.scaling.num_workers, "checkpoint.every_steps": config.checkpoint.every_steps,
+        "checkpoint.keep": config.checkpoint.keep,
+    }
+    for name, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{name}={value} must be at least 1")
+    if t.seq_len > llama.max_position_embeddings:
+        raise ConfigError(
+            f"train.seq_len={t.seq_len} exceeds model.max_position_embeddings={llama.max_position_embeddings}"
+        )
+    if not 0 <= o.warmup_steps < config.decay_steps():
+        raise ConfigError(
+            f"optimizer.warmup_steps={o.warmup_steps} must be at least 0 and below the decay steps "
+            f"({config.decay_steps()}: optimizer.decay_steps, else train.steps)"
+        )
+    if config.scaling.use_tpu and not (config.scaling.topology and config.scaling.accelerator_type):
+        raise ConfigError("scaling.use_tpu=true needs scaling.topology and scaling.accelerator_type")
+    if config.eval.every_steps < 0 or config.eval.batches < 1:
+        raise ConfigError("eval.every_steps must be >= 0 and eval.batches >= 1")
+    if device_count is None and (config.scaling.use_tpu or config.scaling.use_gpu):
+        return  # accelerators per worker are known only on the workers, which call this again
+    dp, fsdp, tp = mesh_shape(config, device_count or config.scaling.num_workers)
+    batch_shards = dp * fsdp
+    if t.global_batch_size % (batch_shards * t.micro_batches):
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by {batch_shards} data-parallel "
+            f"shards (mesh dp={dp} x fsdp={fsdp}) x train.micro_batches={t.micro_batches}"
+        )
+    if llama.num_attention_heads % tp or llama.num_key_value_heads % tp:
+        raise ConfigError(f"mesh.tp={tp} must divide the model's attention and key/value heads")
+
+
+def load_config(path_or_preset: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """A validated TrainConfig from a YAML path or a preset name (`tiny-cpu`, `openllama-7b`, ...)."""
+    path = Path(path_or_preset)
+    if not path.is_file() and (CONFIG_DIR / f"{path_or_preset}.yaml").is_file():
+        path = CONFIG_DIR / f"{path_or_preset}.yaml"
+    config = load(TrainConfig, path, overrides)
+    validate(config)
+    return config

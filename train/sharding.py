@@ -1,0 +1,82 @@
+"""The device mesh and the one table that says how every parameter is laid out on it.
+
+Mesh axes: `dp` (pure data parallel: parameters replicated), `fsdp` (data parallel with parameters,
+gradients and optimizer state sharded, as ZeRO-3), `tp` (tensor parallel inside a layer). The batch is
+split over dp x fsdp. Kernels are (in, out): matrices that fan out (q/k/v/gate/up, embeddings, lm_head)
+shard their output features over tp, the ones that fan back in (o/down) their input features, so a
+layer needs one reduction over tp; the other dimension is sharded over fsdp.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+AXES = ("dp", "fsdp", "tp")
+BATCH = P(("dp", "fsdp"))
+
+# (regex over the "/"-joined parameter path, PartitionSpec); the first match wins, every param must match.
+RULES: tuple[tuple[str, P], ...] = (
+    (r"embed_tokens/embedding$", P("fsdp", "tp")),  # (vocab, hidden)
+    (r"self_attn/(q|k|v)_proj/kernel$", P("fsdp", "tp")),
+    (r"self_attn/o_proj/kernel$", P("tp", "fsdp")),
+    (r"mlp/(gate|up)_proj/kernel$", P("fsdp", "tp")),
+    (r"mlp/down_proj/kernel$", P("tp", "fsdp")),
+    (r"(input_layernorm|post_attention_layernorm|norm)/weight$", P()),
+    (r"lm_head/kernel$", P("fsdp", "tp")),
+)
+
+
+def make_mesh(shape: tuple[int, int, int], devices: list | None = None) -> Mesh:
+    """A (dp, fsdp, tp) mesh; devices in process order so each process holds a contiguous batch slice."""
+    devices = devices if devices is not None else jax.devices()
+    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+    return Mesh(np.array(ordered).reshape(shape), AXES)
+
+
+def path_name(path: tuple) -> str:
+    return "/".join(str(getattr(key, "key", getattr(key, "name", key))) for key in path)
+
+
+def spec_for(name: str) -> P:
+    for pattern, spec in RULES:
+        if re.search(pattern, name):
+            return spec
+    raise ValueError(f"parameter {name} matches no rule in openllama.train.sharding.RULES; add one")
+
+
+def param_specs(params: Any) -> Any:
+    """The PartitionSpec of every parameter (a tree shaped like `params`)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: spec_for(path_name(path)), params)
+
+
+def param_shardings(params: Any, mesh: Mesh) -> Any:
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(params))
+
+
+def state_shardings(state: Any, params: Any, mesh: Mesh) -> Any:
+    """Shardings of an optimizer state: any leaf shaped like a parameter is sharded like it, others replicated.
+
+    optax states hold per-parameter trees (Adam's mu and nu) beside scalars (counts); matching by the
+    parameter's path suffix keeps this independent of how the optax chain is nested.
+    """
+    by_path = {path_name(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_specs(params))[0]}
+    shapes = {path_name(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+    def sharding(path: tuple, leaf: Any) -> NamedSharding:
+        name = path_name(path)
+        for param_name, spec in by_path.items():
+            if name.endswith(param_name) and getattr(leaf, "shape", None) == shapes[param_name]:
+                return NamedSharding(mesh, spec)
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(sharding, state)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, BATCH)
