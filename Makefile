@@ -16,6 +16,8 @@ $(BIN)/python:
 
 $(INSTALLED): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -e '.[test]'
+	# a real LLaMA-style tokenizer.model for the export tests (its package's pins would downgrade numpy)
+	$(BIN)/python -m pip install --no-deps mistral-common==1.13.1
 	touch $(INSTALLED)
 
 demo: $(INSTALLED)  ## start Ray + MLflow on 127.0.0.1 and run every stage as a Ray job
@@ -30,8 +32,10 @@ lint: $(INSTALLED)
 test: lint  ## ruff, then the whole test suite (pytest exits 5 when it collects nothing: that fails too)
 	$(BIN)/pytest
 
-faults: $(INSTALLED)  ## the fault-injection tests: crashes, restarts, bad input
-	$(BIN)/pytest -m faults
+faults: $(INSTALLED)  ## fault-injection suite, then a table: fault -> what happened -> data lost -> time to recover
+	@rm -f .faults.jsonl
+	@OPENLLAMA_FAULT_REPORT=$(CURDIR)/.faults.jsonl $(BIN)/pytest tests/faults -m faults; status=$$?; \
+	$(BIN)/python -m openllama.faults .faults.jsonl; exit $$status
 
 bench: $(INSTALLED)  ## every benchmark script; each prints ratios against a baseline it measures itself
 	@set -e; scripts="$$(ls bench/*.py 2>/dev/null)"; [ -n "$$scripts" ] || { echo "no bench/*.py scripts"; exit 1; }; \

@@ -405,7 +405,7 @@ def main(argv: list[str]) -> int:
                                     val_fraction=args.val_fraction, seed=args.seed,
                                     max_doc_bytes=args.max_doc_bytes, shard_tokens=args.shard_tokens,
                                     address=args.address, track=not args.no_track)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # OSError: an --out that cannot be created or written
         print(f"openllama data tokenize: {err}", file=sys.stderr)
         return 2
     total = manifest["stats"]["total"]

@@ -7,6 +7,7 @@ is allowed. Stages define their own dataclasses; this module only builds and che
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -160,6 +161,22 @@ def looks_secret(name: str) -> bool:
     return words[-1] in SECRET_WORDS or words[0] == "secret"
 
 
+URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def hide_credentials(value: Any) -> Any:
+    """`http://user:password@host` becomes `http://***@host`: credentials in a URL are a secret too."""
+    return URL_CREDENTIALS.sub("***@", value) if isinstance(value, str) else value
+
+
 def redact(flat: dict[str, Any]) -> dict[str, Any]:
     """Values whose names look secret are replaced, so they never reach MLflow or logs in clear."""
-    return {k: ("***" if looks_secret(k) and v not in (None, "") else v) for k, v in flat.items()}
+    return {k: ("***" if looks_secret(k) and v not in (None, "") else hide_credentials(v)) for k, v in flat.items()}
+
+
+def redact_tree(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`redact` for a nested mapping (a config written to a file), keeping its shape."""
+    return {
+        k: redact_tree(v, f"{prefix}{k}.") if isinstance(v, dict) else redact({f"{prefix}{k}": v})[f"{prefix}{k}"]
+        for k, v in values.items()
+    }

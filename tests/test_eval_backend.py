@@ -117,18 +117,15 @@ def test_generation_stops_before_the_first_until_string(lm):
 
 
 def test_two_ray_workers_give_the_results_of_one(lm, tiny_checkpoint, monkeypatch):
-    import ray
+    from openllama.ray_jobs import connect
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     requests = [loglikelihood_request(TEXT[:n], " the sea") for n in range(4, 80, 6)]
     rolling = [Instance("loglikelihood_rolling", {}, (TEXT[n:],), 0) for n in (0, 30)]
     generation = [Instance("generate_until", {}, (TEXT[:n], {"until": ["\n"], "max_gen_toks": 6}), 0)
                   for n in (10, 30, 50)]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        sharded = OpenLlamaLM(str(tiny_checkpoint), batch_size=4, workers=2)
-        assert sharded.loglikelihood(requests) == lm.loglikelihood(requests)
-        assert sharded.loglikelihood_rolling(rolling) == lm.loglikelihood_rolling(rolling)
-        assert sharded.generate_until(generation) == lm.generate_until(generation)
-    finally:
-        ray.shutdown()
+    connect(num_cpus=2, log_to_driver=False)  # an in-process Ray; reused if an earlier test started one
+    sharded = OpenLlamaLM(str(tiny_checkpoint), batch_size=4, workers=2)
+    assert sharded.loglikelihood(requests) == lm.loglikelihood(requests)
+    assert sharded.loglikelihood_rolling(rolling) == lm.loglikelihood_rolling(rolling)
+    assert sharded.generate_until(generation) == lm.generate_until(generation)

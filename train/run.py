@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from openllama.config import ConfigError, build, to_dict
+from openllama.config import ConfigError, build, redact_tree, to_dict
 from openllama.train.config import TrainConfig, load_config, mesh_shape, validate
 
 log = logging.getLogger("openllama.train")
@@ -449,7 +449,7 @@ def finish_tracking_run(config: TrainConfig, run_id: str | None, succeeded: bool
     try:
         client = tracking.client()
         config_file = config.run_dir / "train_config.json"
-        config_file.write_text(json.dumps(to_dict(config), indent=2))
+        config_file.write_text(json.dumps(redact_tree(to_dict(config)), indent=2))
         client.log_artifact(run_id, str(config_file), "config")
         final = complete_checkpoints(config.run_dir)
         if succeeded and final:

@@ -1,0 +1,95 @@
+"""Fault-injection suite (`make faults`): the report row fixture and a packed dataset built once.
+
+Every test here injects a fault from outside (SIGKILL, a stopped server, flipped bytes, a full disk, bad
+input) and fills one row of the report: fault, what happened, data lost, time to recover. Rows go to the
+JSON-lines file named by OPENLLAMA_FAULT_REPORT when it is set (see openllama.faults).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pytest
+
+from openllama import faults
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "data" / "sample" / "redpajama"
+OPENLLAMA = str(Path(sys.executable).parent / "openllama")
+SEQ_LEN = 32
+OUTCOME = pytest.StashKey[str]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "faults: fault-injection test (crash, restart, bad input); `make faults`")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    if report.when == "call":
+        item.stash[OUTCOME] = report.outcome
+    return report
+
+
+@dataclass
+class FaultRow:
+    fault: str = ""
+    happened: str = ""
+    lost: str = ""  # what was lost, in the data's own units ("0 of 1,234 documents")
+    recovery_s: float | None = None  # from the fault to whole again; None when there is nothing to recover
+    details: dict = field(default_factory=dict)
+
+
+@pytest.fixture
+def fault_report(request: pytest.FixtureRequest):
+    """The test's report row, written at teardown with the test's outcome (a failed test is a failed row)."""
+    row = FaultRow()
+    yield row
+    path = os.environ.get(faults.REPORT_ENV)
+    if path and row.fault:
+        faults.record(path, {"test": request.node.nodeid, "outcome": request.node.stash.get(OUTCOME, "error"),
+                             **asdict(row)})
+
+
+def tokenize_command(inputs: list[str], tokenizer: Path, out: Path, *extra: str) -> list[str]:
+    return [OPENLLAMA, "data", "tokenize", *inputs, "--tokenizer", str(tokenizer), "--out", str(out),
+            "--seq-len", str(SEQ_LEN), "--val-fraction", "0.2", "--no-track", *extra]
+
+
+@dataclass
+class Packed:
+    """The shipped sample corpus tokenized once, uninterrupted, by the CLI with its in-process Ray."""
+
+    path: Path
+    command: list[str]
+    seconds: float
+    listening: set[str]  # IPs the CLI's process tree (its in-process Ray) listened on, sampled mid-run
+
+
+@pytest.fixture(scope="session")
+def packed(sp_model, tmp_path_factory) -> Packed:
+    out = tmp_path_factory.mktemp("faults_packed") / "dataset"
+    command = tokenize_command([str(SAMPLE)], sp_model, out)
+    started = time.perf_counter()
+    proc = faults.start(command, faults.clean_env(), cwd=REPO)
+    try:
+        # sample the sockets while Ray works: a finished unit proves its workers are up
+        faults.wait_for(lambda: list((out / "units").glob("*.json")), 240, "the first finished unit", proc)
+        listening = faults.listening_ips(faults.process_tree(proc.pid))
+        _, err = proc.communicate(timeout=300)
+    except BaseException:
+        faults.kill_group(proc)
+        raise
+    assert proc.returncode == 0, err[-4000:]
+    return Packed(out, command, time.perf_counter() - started, listening)
+
+
+@pytest.fixture(scope="session")
+def tokenize():
+    """`tokenize(inputs, tokenizer, out, *extra)`: the data CLI command line the fault tests use."""
+    return tokenize_command

@@ -1,0 +1,250 @@
+"""Faults during training: a Ray Train worker SIGKILLed mid-run, a process killed in the middle of a
+checkpoint save, the MLflow server stopped and started again, a loss that diverges to NaN/Inf."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from openllama import faults
+
+pytestmark = pytest.mark.faults
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 6
+# The run every fault is compared with: tiny model, 6 steps of 8 x 32 tokens, a checkpoint every 2 steps.
+TINY = [f"train.steps={STEPS}", "train.seq_len=32", "train.global_batch_size=8", "train.log_every=1",
+        "optimizer.warmup_steps=2", "checkpoint.every_steps=2", "checkpoint.keep=2", "eval.every_steps=0",
+        "device.peak_flops=1e11"]
+TRAIN_IN_PROCESS = (
+    "import logging, sys; from openllama.train.config import load_config; from openllama.train.run import Trainer; "
+    "logging.basicConfig(level=logging.INFO); "
+    "Trainer(load_config('tiny-cpu', sys.argv[1:]), None).fit(lambda metrics, checkpoint: None)"
+)
+
+
+def overrides(packed, out: Path, *extra: str) -> list[str]:
+    return [f"data.path={packed.path}", f"output_dir={out}", *TINY, *extra]
+
+
+def config(packed, out: Path, *extra: str):
+    from openllama.train.config import load_config
+
+    return load_config("tiny-cpu", overrides(packed, out, *extra))
+
+
+def final_params(run_dir: Path):
+    from openllama.train.checkpoint import load_model
+
+    return load_model(run_dir)[1]
+
+
+def assert_same_params(a, b) -> None:
+    import jax
+
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    from openllama.train.run import complete_checkpoints
+
+    return [step for step, _ in complete_checkpoints(run_dir)]
+
+
+@pytest.fixture(scope="module")
+def baseline(packed, tmp_path_factory) -> dict:
+    """The uninterrupted run, in this process (no Ray): final loss, parameters and wall time."""
+    from openllama.train.run import Trainer
+
+    cfg = config(packed, tmp_path_factory.mktemp("baseline"), "tracking.enabled=false")
+    started = time.perf_counter()
+    result = Trainer(cfg, None).fit(lambda metrics, checkpoint: None)
+    return {"loss": result["loss"], "params": final_params(cfg.run_dir), "seconds": time.perf_counter() - started}
+
+
+def loss_history(tracking_uri: str, run_id: str) -> dict[int, list[float]]:
+    from mlflow.tracking import MlflowClient
+
+    history: dict[int, list[float]] = {}
+    for metric in MlflowClient(tracking_uri).get_metric_history(run_id, "loss"):
+        history.setdefault(metric.step, []).append(metric.value)
+    return history
+
+
+# --- a Ray Train worker SIGKILLed ---------------------------------------------------------------------------
+
+
+def train_workers(ray_head) -> list[psutil.Process]:
+    """Ray Train worker processes of the session's head (children of its raylet, in sessions of their own)."""
+    head = set(ray_head.pids())
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if "RayTrainWorker" in " ".join(process.info["cmdline"] or []) and \
+                    any(parent.pid in head for parent in process.parents()):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
+@pytest.fixture(scope="module")
+def worker_killed(packed, ray_head, tmp_path_factory) -> dict:
+    """`openllama train` on the session's Ray head (FailureConfig max_failures=1); once the step-2 checkpoint
+    is complete the worker process is SIGKILLed from outside, and Ray Train restarts the worker group."""
+    out = tmp_path_factory.mktemp("worker_killed")
+    tracking = f"sqlite:///{out}/mlruns.db"
+    command = [str(Path(sys.executable).parent / "openllama"), "train", "tiny-cpu",
+               *overrides(packed, out, "scaling.max_failures=1", f"tracking.uri={tracking}")]
+    proc = faults.start(command, faults.clean_env(**ray_head.env), cwd=REPO)
+    run_dir = out / "tiny-cpu"
+    try:
+        faults.wait_for(lambda: (run_dir / "checkpoints" / "step_00000002" / "state.json").is_file(), 400,
+                        "the step-2 checkpoint", proc)
+        (victim,) = faults.wait_for(lambda: train_workers(ray_head), 30, "the train worker process", proc)
+        victim.send_signal(signal.SIGKILL)
+        killed_at = time.perf_counter()
+        resume_step = checkpoint_steps(run_dir)[-1]
+        stdout, stderr = proc.communicate(timeout=500)
+    except BaseException:
+        faults.kill_group(proc)
+        raise
+    return {"returncode": proc.returncode, "stderr": stderr, "run_dir": run_dir, "tracking": tracking,
+            "victim": victim.pid, "resume_step": resume_step, "recovery_s": time.perf_counter() - killed_at}
+
+
+def test_killed_worker_run_resumes_and_ends_with_the_uninterrupted_parameters(worker_killed, baseline,
+                                                                               fault_report):
+    assert worker_killed["returncode"] == 0, worker_killed["stderr"][-4000:]
+    assert not psutil.pid_exists(worker_killed["victim"]) or \
+        psutil.Process(worker_killed["victim"]).status() == psutil.STATUS_ZOMBIE
+    assert_same_params(final_params(worker_killed["run_dir"]), baseline["params"])
+    run_id = (worker_killed["run_dir"] / "mlflow_run_id").read_text().strip()
+    history = loss_history(worker_killed["tracking"], run_id)
+    assert history[STEPS][0] == pytest.approx(baseline["loss"], abs=1e-5)
+    fault_report.fault = "train worker SIGKILLed mid-run (Ray Train)"
+    fault_report.happened = (f"Ray Train restarted the worker group; it resumed from step "
+                             f"{worker_killed['resume_step']} and ended on the uninterrupted run's loss and "
+                             "parameters (atol 1e-5)")
+    fault_report.lost = "0 steps (steps after the checkpoint recomputed)"
+    fault_report.recovery_s = worker_killed["recovery_s"]
+
+
+def test_killed_worker_run_logs_every_step_once_in_mlflow(worker_killed):
+    run_id = (worker_killed["run_dir"] / "mlflow_run_id").read_text().strip()
+    history = loss_history(worker_killed["tracking"], run_id)
+    assert sorted(history) == list(range(1, STEPS + 1))
+    assert all(len(values) == 1 for values in history.values()), history
+
+
+# --- killed in the middle of a checkpoint save --------------------------------------------------------------
+
+
+def test_a_save_cut_short_by_sigkill_is_ignored_and_removed_on_resume(packed, baseline, tmp_path, fault_report):
+    """The training process is frozen (SIGSTOP) while a `.step_*.tmp` save exists, then SIGKILLed."""
+    args = [sys.executable, "-c", TRAIN_IN_PROCESS, *overrides(packed, tmp_path, "checkpoint.every_steps=1",
+                                                                "tracking.enabled=false")]
+    checkpoints = tmp_path / "tiny-cpu" / "checkpoints"
+    proc = faults.start(args, faults.clean_env(), cwd=REPO)
+    partial = None
+    try:  # after the first complete checkpoint, so the rerun has one to resume from
+        faults.wait_for(lambda: (checkpoints / "step_00000001" / "state.json").is_file(), 300, "step 1", proc)
+        while partial is None:
+            saving = faults.wait_for(lambda: list(checkpoints.glob(".step_*.tmp")), 300, "a checkpoint save", proc,
+                                     poll=0.002)
+            os.kill(proc.pid, signal.SIGSTOP)
+            if saving[0].exists():  # frozen mid-save; else that save finished in between: try the next one
+                partial = saving[0]
+            else:
+                os.kill(proc.pid, signal.SIGCONT)
+    finally:
+        faults.kill_group(proc)
+    killed_at = time.perf_counter()
+    complete_before = checkpoint_steps(tmp_path / "tiny-cpu")
+    assert partial.exists()
+    resumed = faults.run(args, faults.clean_env(), timeout=300, cwd=REPO)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"resuming from {checkpoints / f'step_{complete_before[-1]:08d}'}" in resumed.stderr
+    assert f"removing partial checkpoint {partial}" in resumed.stderr
+    assert not partial.exists()
+    assert_same_params(final_params(tmp_path / "tiny-cpu"), baseline["params"])
+    fault_report.fault = "process SIGKILLed during a checkpoint save"
+    fault_report.happened = (f"{partial.name} left half-written; the rerun resumed from step {complete_before[-1]}, "
+                             "deleted the partial save, ended on the uninterrupted parameters")
+    fault_report.lost = "0 steps"
+    fault_report.recovery_s = time.perf_counter() - killed_at
+
+
+# --- the MLflow server stopped and started again ----------------------------------------------------------
+
+
+def test_training_continues_while_mlflow_is_down_and_every_step_reaches_it(packed, mlflow_server, tmp_path,
+                                                                          monkeypatch, fault_report):
+    from openllama import tracking
+    from openllama.train.run import Trainer
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    cfg = config(packed, tmp_path)
+    run_id = tracking.start_run("faults", run_name="mlflow-outage")
+    outage: dict[str, float] = {}
+
+    def restart() -> None:
+        time.sleep(3)
+        mlflow_server.start()
+        outage["restarted"] = time.perf_counter()
+
+    def report(metrics: dict, checkpoint) -> None:
+        if metrics["step"] == 2:
+            mlflow_server.stop()
+            outage["stopped"] = time.perf_counter()
+            threading.Thread(target=restart, daemon=True).start()
+
+    try:
+        result = Trainer(cfg, run_id).fit(report)
+    finally:
+        if not mlflow_server.pids():
+            mlflow_server.start()
+    finished = time.perf_counter()
+    assert result["step"] == STEPS
+    history = loss_history(mlflow_server.uri, run_id)
+    assert sorted(history) == list(range(1, STEPS + 1))
+    assert all(len(values) == 1 for values in history.values()), history
+    fault_report.fault = "MLflow server stopped mid-run, restarted 3 s later"
+    fault_report.happened = (f"training went on to step {STEPS}; buffered metrics were sent after the restart "
+                             f"(server back after {outage['restarted'] - outage['stopped']:.0f} s)")
+    fault_report.lost = f"0 of {STEPS} steps' metrics, none twice"
+    fault_report.recovery_s = finished - outage["stopped"]
+
+
+# --- a diverging loss --------------------------------------------------------------------------------------
+
+
+def test_a_loss_diverging_to_nan_stops_the_run_and_keeps_the_last_good_checkpoint(packed, tmp_path, fault_report):
+    """No injection hook: a learning rate of 1e9 makes the second step's loss non-finite by itself."""
+    from openllama.train.run import NonFiniteLoss, Trainer
+
+    cfg = config(packed, tmp_path, "optimizer.peak_lr=1e9", "optimizer.warmup_steps=0", "checkpoint.every_steps=1",
+                 "tracking.enabled=false")
+    logged: list[dict] = []
+    started = time.perf_counter()
+    with pytest.raises(NonFiniteLoss, match=r"step \d+: loss=\S+ .*is not finite.*last good checkpoint") as error:
+        Trainer(cfg, None).fit(lambda metrics, checkpoint: logged.append(metrics))
+    bad_step = int(str(error.value).split()[1].rstrip(":"))
+    assert checkpoint_steps(cfg.run_dir)[-1] == bad_step - 1
+    assert all(np.isfinite(m["loss"]) for m in logged)
+    state = json.loads((cfg.run_dir / "checkpoints" / f"step_{bad_step - 1:08d}" / "state.json").read_text())
+    assert state["step"] == bad_step - 1
+    fault_report.fault = "loss diverges to NaN/Inf (lr 1e9)"
+    fault_report.happened = f"NonFiniteLoss at step {bad_step}; newest checkpoint is step {bad_step - 1} (finite)"
+    fault_report.lost = "0 good steps"
+    fault_report.recovery_s = time.perf_counter() - started
