@@ -374,13 +374,19 @@ def poisoned(params: Any) -> Any:
     )
 
 
+def configure_logging() -> None:
+    """Our progress at INFO; orbax (through absl) logs every file of every save at INFO, so only its warnings."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+
+
 def train_loop(loop_config: dict) -> None:
     """The per-worker function JaxTrainer runs (jax.distributed is already initialized by the backend)."""
     import ray.train
     from ray.train import Checkpoint
     from ray.train.v2.api.report_config import CheckpointUploadMode
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging()
     if loop_config.get("tracking_uri"):
         os.environ["MLFLOW_TRACKING_URI"] = loop_config["tracking_uri"]
     config = build(TrainConfig, loop_config["config"])
@@ -540,7 +546,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an in-process Ray)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging()
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as error:
