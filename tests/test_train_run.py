@@ -113,7 +113,7 @@ def one_worker(ray_head, base, tmp_path_factory) -> Finished:
 
     out = tmp_path_factory.mktemp("one_worker")
     tracking_uri = f"sqlite:///{out}/mlruns.db"
-    overrides = [*base, f"output_dir={out}", f"tracking.uri={tracking_uri}"]
+    overrides = [*base, f"output_dir={out}", f"tracking.uri={tracking_uri}", "tracking.system_metrics_every_s=1"]
     submit(["openllama", "train", "tiny-cpu", *overrides], api_url=ray_head.dashboard_url,
            env={**os.environ, **ray_head.env}, working_dir=REPO, submission_id=f"train-{out.name}",
            echo=io.StringIO(), log_path=out / "job.log")
@@ -226,6 +226,14 @@ def test_run_records_throughput_and_mfu(one_worker):
     for key in ("tokens_per_s", "mfu", "grad_norm", "learning_rate", "tokens_seen", "step_time_s"):
         assert sorted(one_worker.history(key)) == list(range(1, STEPS + 1)), key
     assert one_worker.history("tokens_seen")[STEPS][0] == STEPS * 8 * SEQ_LEN
+
+
+def test_run_records_system_metrics(one_worker):
+    from mlflow.tracking import MlflowClient
+
+    metrics = MlflowClient(one_worker.tracking_uri).get_run(one_worker.run_id).data.metrics
+    assert metrics["system/cpu_utilization_percentage"] >= 0
+    assert metrics["system/system_memory_usage_megabytes"] > 0
 
 
 def test_step_checkpoint_is_a_model_checkpoint(one_worker):

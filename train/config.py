@@ -99,6 +99,7 @@ class TrackingSection:
     enabled: bool = True
     experiment: str = "openllama-train"
     uri: str | None = None  # default: MLFLOW_TRACKING_URI, else ./mlruns.db
+    system_metrics_every_s: float = 10.0  # CPU, memory, disk, network, GPU sampled into MLflow; 0 = off
 
 
 @dataclass

@@ -311,8 +311,15 @@ class Trainer:
         state = self.start()
         first = int(state["step"])
         logger = None
+        system_metrics = None
         if self.rank == 0 and self.tracking_run_id:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
             logger = tracking.MetricsLogger.resume(self.tracking_run_id, flush_every=config.train.log_every)
+            if config.tracking.system_metrics_every_s > 0:  # sampled by a background thread of MLflow's
+                system_metrics = SystemMetricsMonitor(self.tracking_run_id, resume_logging=first > 0,
+                                                      sampling_interval=config.tracking.system_metrics_every_s)
+                system_metrics.start()
         last_saved = first
         metrics: dict[str, float] = {}
         for step in range(first, config.train.steps):
@@ -360,6 +367,8 @@ class Trainer:
                     os._exit(1)
         if logger:
             logger.flush(retries=5)
+        if system_metrics:
+            system_metrics.finish()
         return {"step": last_saved, **metrics}
 
 
