@@ -365,8 +365,8 @@ class Trainer:
                     marker.touch()
                     log.error("fault.kill_at_step=%d: this worker exits now (test-only fault injection)", done)
                     os._exit(1)
-        if logger:
-            logger.flush(retries=5)
+        if logger:  # the last metrics: wait up to ~5 minutes for a tracking server that is down
+            logger.flush(retries=30, wait_s=10.0)
         if system_metrics:
             system_metrics.finish()
         return {"step": last_saved, **metrics}
@@ -398,6 +398,10 @@ def train_loop(loop_config: dict) -> None:
     configure_logging()
     if loop_config.get("tracking_uri"):
         os.environ["MLFLOW_TRACKING_URI"] = loop_config["tracking_uri"]
+    # MetricsLogger keeps what fails to send and retries at its next flush; MLflow's own HTTP retries (7, with
+    # backoff: about 4 minutes against a server that is down) would stall the training loop instead.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     config = build(TrainConfig, loop_config["config"])
 
     def report(metrics: dict, checkpoint_dir: Path | None) -> None:
