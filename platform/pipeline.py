@@ -106,13 +106,6 @@ def rerun_reason(ledger: dict, identity: dict) -> str:
     return "resuming an unfinished run" if ledger.get("status") == "running" else "outputs missing"
 
 
-def write_json(path: Path, value: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True))
-    tmp.replace(path)
-
-
 def read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -157,7 +150,7 @@ class Runner:
         started = time.time()
         entry = {"stage": stage.name, **identity, "status": "running", "submission_id": submission_id,
                  "started": started}
-        write_json(ledger_path, entry)
+        services.write_json(ledger_path, entry)
         log.info("stage %-9s (%s) submitting Ray job %s: %s", stage.name, reason, submission_id,
                  " ".join(stage.command))
         log_path = self.out / "logs" / f"{stage.name}.log"
@@ -169,7 +162,7 @@ class Runner:
             raise ray_jobs.JobFailed(f"stage {stage.name} succeeded but did not write {missing}; log {log_path}")
         entry.update(status="done", seconds=round(time.time() - started, 1), **stage.facts,
                      **facts_from_output(output))
-        write_json(ledger_path, entry)
+        services.write_json(ledger_path, entry)
         log.info("stage %-9s done in %.0f s", stage.name, entry["seconds"])
         self.ran.append(stage.name)
         return entry
@@ -362,7 +355,7 @@ def main(argv: list[str]) -> int:
     import mlflow
 
     runs = record_lineage(mlflow.MlflowClient(tracking_uri), out, ledgers, git_commit())
-    write_json(out / "lineage.json", {"tracking_uri": tracking_uri, "runs": runs})
+    services.write_json(out / "lineage.json", {"tracking_uri": tracking_uri, "runs": runs})
     summary = [
         f"\npipeline finished in {time.time() - started:.0f} s; ran: {', '.join(runner.ran) or 'nothing'}; "
         f"reused: {', '.join(runner.reused) or 'nothing'}",

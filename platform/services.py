@@ -235,7 +235,7 @@ def start_ray_head(state_dir: str | Path, num_cpus: int = 2, object_store_bytes:
                                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=temp_dir)
     head = RayHead(str(state_dir), temp_dir, f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}",
                    str(token_path), proc.pid, num_cpus)
-    _write_json(state_dir / RAY_STATE, asdict(head))
+    write_json(state_dir / RAY_STATE, asdict(head))
     try:
         code = proc.wait(timeout=timeout)
         if code != 0:
@@ -314,7 +314,7 @@ class MlflowServer:
             proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True, cwd=state, env=env)
         self.pgid = proc.pid
-        _write_json(state / MLFLOW_STATE, asdict(self))
+        write_json(state / MLFLOW_STATE, asdict(self))
         try:
             _wait_http(f"{self.uri}/health", timeout, log, "MLflow server", self.pgid)
         except BaseException:
@@ -363,7 +363,9 @@ def stop_all(state_dir: str | Path) -> list[str]:
     return stopped
 
 
-def _write_json(path: Path, values: dict) -> None:
+def write_json(path: Path, values: dict) -> None:
+    """Write JSON under a temporary name, then rename, so a reader never sees half a record."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(values, indent=2, sort_keys=True))
     tmp.replace(path)
