@@ -2,12 +2,14 @@
 
 A ~100M-parameter LLaMA (OpenLLaMA's 32000-token vocabulary, hidden 768, 8 layers) with random weights
 is saved as our checkpoint and exported with `export_hf`; both backends then score the same loglikelihood
-requests (the local task pack's multiple-choice requests at 0 and 1 shots), taking turns slice by slice.
-Our time includes XLA compiling its bucket shapes. Prints requests/second, the ratio ours/hf, and the
-largest difference between the two backends' answers. (`-P` keeps bench/ off sys.path, where another
-bench's module names could shadow the standard library's.)
+requests (the local task pack's multiple-choice requests at 0 and 1 shots) in one call each, as lm-eval's
+evaluator makes one call with every request of every task. Each round loads both backends afresh and
+alternates which goes first, so that load from other processes falls on both alike; our time includes
+XLA compiling every shape, every round. Prints requests/second, the ratio ours/hf, and the largest
+difference between the two backends' answers. (`-P` keeps bench/ off sys.path, where another bench's
+module names could shadow the standard library's.)
 
-    .venv/bin/python -P bench/eval.py [--shots 2] [--batch-size 16] [--slices 5] [--layers 8]
+    .venv/bin/python -P bench/eval.py [--shots 2] [--batch-size 16] [--rounds 2] [--layers 8]
 """
 
 from __future__ import annotations
@@ -59,17 +61,16 @@ def pack_requests(shots: int) -> list:
     return requests
 
 
-def interleaved(backends: dict, requests: list, slices: int) -> dict[str, tuple[float, list[float]]]:
-    """{name: (seconds, loglikelihoods)} with the backends taking turns slice by slice, so that load from
-    other processes on the machine falls on both alike."""
-    totals = {name: (0.0, []) for name in backends}
-    size = -(-len(requests) // slices)
-    for start in range(0, len(requests), size):
-        for name, lm in backends.items():
+def alternating(loaders: dict, requests: list, rounds: int) -> dict[str, tuple[float, list[float]]]:
+    """{name: (seconds, loglikelihoods of the last round)}: each round loads every backend afresh and
+    times one call over all requests, the order reversed every other round."""
+    totals = {name: (0.0, []) for name in loaders}
+    for round_ in range(rounds):
+        for name in list(loaders)[:: 1 if round_ % 2 == 0 else -1]:
+            lm = loaders[name]()
             begin = time.perf_counter()
-            results = lm.loglikelihood(requests[start : start + size], disable_tqdm=True)
-            seconds, loglikelihoods = totals[name]
-            totals[name] = (seconds + time.perf_counter() - begin, loglikelihoods + [r[0] for r in results])
+            results = lm.loglikelihood(requests, disable_tqdm=True)
+            totals[name] = (totals[name][0] + time.perf_counter() - begin, [r[0] for r in results])
     return totals
 
 
@@ -77,7 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shots", type=int, default=2, help="request sets at 0..shots-1 few-shot examples")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--slices", type=int, default=5, help="turns the two backends take")
+    parser.add_argument("--rounds", type=int, default=2, help="calls per backend, alternating who goes first")
     parser.add_argument("--layers", type=int, default=8, help="hidden 768, vocab 32000: 8 layers is ~100M")
     args = parser.parse_args()
 
@@ -104,14 +105,14 @@ def main() -> None:
         print(f"model: {config.num_params() / 1e6:.0f}M parameters; {len(requests)} loglikelihood requests; "
               f"batch size {args.batch_size}; torch threads {torch.get_num_threads()}")
 
-        backends = {
-            "openllama": OpenLlamaLM(str(ckpt), batch_size=args.batch_size),
-            "hf": HFLM(pretrained=str(hf_dir), add_bos_token=True, batch_size=args.batch_size, device="cpu",
-                       dtype="float32"),
+        loaders = {
+            "openllama": lambda: OpenLlamaLM(str(ckpt), batch_size=args.batch_size),
+            "hf": lambda: HFLM(pretrained=str(hf_dir), add_bos_token=True, batch_size=args.batch_size,
+                               device="cpu", dtype="float32"),
         }
-        (ours_s, ours_ll), (hf_s, hf_ll) = interleaved(backends, requests, args.slices).values()
+        (ours_s, ours_ll), (hf_s, hf_ll) = alternating(loaders, requests, args.rounds).values()
 
-    n = len(requests)
+    n = len(requests) * args.rounds
     print(f"openllama: {n / ours_s:.2f} requests/s ({ours_s:.0f} s, XLA compilation included)")
     print(f"hf:        {n / hf_s:.2f} requests/s ({hf_s:.0f} s)")
     print(f"ratio openllama/hf: {hf_s / ours_s:.2f}x")

@@ -2,9 +2,10 @@
 
 - Tokens come from the checkpoint's own SentencePiece model, and every context starts with BOS (id 1),
   as OpenLLaMA was trained and evaluated (lm-eval's `hf` backend with `add_bos_token=True` does the same).
-- Requests are sorted by length and scored in fixed-size batches padded to a few bucket lengths
-  (32, 64, 128, ... up to the model's context), so XLA compiles a handful of shapes instead of one per
-  request. Inputs longer than the context are cut from the left, keeping the continuation.
+- Loglikelihood requests are packed: the choices of a question share one copy of its context (each
+  continuation is a branch that sees the context and itself), several questions share a row, and the
+  output layer runs only at the scored tokens. Rows are batched at a few bucket widths, so XLA compiles
+  a handful of shapes. Inputs longer than the context are cut from the left, keeping the continuation.
 - `loglikelihood_rolling` scores a document in disjoint windows of the model's context (lm-eval's
   rolling-window utilities), the first conditioned on BOS.
 - `generate_until` decodes greedily with the KV cache, one request at a time, stopping at EOS, at any
@@ -15,9 +16,11 @@
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +40,14 @@ from openllama.train.model import Llama, LlamaConfig, config_from_dict, init_cac
 log = logging.getLogger(__name__)
 
 SMALLEST_BUCKET = 32
+SLOT_BLOCK = 256  # scored tokens per batch are padded to a multiple of this
 DEFAULT_MAX_GEN_TOKS = 256
 
 # (context tokens, continuation tokens) with the context already starting with BOS
 TokenPair = tuple[list[int], list[int]]
-# tokens and targets (int32), continuation mask without its last token (float32), all [batch_size, width],
-# and the position of each row's last continuation token (int32 [batch_size])
-Batch = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-# per row of a batch: (request index, the request's last continuation token) for every request it answers
-RowOwners = list[list[tuple[int, int]]]
+# tokens, positions, question numbers, branch numbers (int32 [rows, width]); then per scored token its
+# flat index rows*width into the outputs and its target (int32 [slots])
+Batch = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
 def bucket_length(n: int, max_length: int) -> int:
@@ -79,37 +81,121 @@ def load_tokenizer(path: str | Path, config: LlamaConfig) -> spm.SentencePiecePr
     return tokenizer
 
 
-def make_batches(pairs: Sequence[TokenPair], batch_size: int, max_length: int) -> tuple[list[Batch], list[RowOwners]]:
-    """Longest-first batches scoring every pair, and which requests each row answers.
+@dataclass
+class PackedRow:
+    """One row of model input holding several requests, each context once.
 
-    Each row is context+continuation cut from the left to max_length+1 tokens, shifted into inputs and
-    targets. Requests whose inputs are identical and differ only in their last continuation token (the
-    choices of a yes/no or one-word question) share one row: the model sees those tokens once and each
-    request reads its own last token from that row's final distribution. Short batches are filled with
-    empty rows so that every batch has the same number of rows.
+    A question's context comes first; each of its continuations follows as a branch (all its tokens
+    but the last) whose tokens see the context and their own branch only, at the positions they would
+    have after the context alone. So k choices cost one context plus k continuations instead of k
+    times both, and several questions share a row instead of padding one each. A slot is one scored
+    token: (index in the row of the token whose output predicts it, the token, the request).
     """
-    rows: dict[tuple, list[tuple[int, int]]] = {}
-    for index, (context, continuation) in enumerate(pairs):
+
+    tokens: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    questions: list[int] = field(default_factory=list)  # 1, 2, ... per question in the row; 0 is padding
+    branches: list[int] = field(default_factory=list)  # 0 for a context, i for its i-th continuation
+    slots: list[tuple[int, int, int]] = field(default_factory=list)
+
+    def add(self, context: Sequence[int], continuations: list[tuple[int, list[int]]]) -> None:
+        """Append one question: its context, then a branch per (request, continuation)."""
+        question = len(set(self.questions)) + 1
+        start, n = len(self.tokens), len(context)
+        self._extend(context, range(n), question, 0)
+        for branch, (request, continuation) in enumerate(continuations, 1):
+            self.slots.append((start + n - 1, continuation[0], request))
+            for offset, target in enumerate(continuation[1:]):
+                self.slots.append((len(self.tokens) + offset, target, request))
+            self._extend(continuation[:-1], range(n, n + len(continuation) - 1), question, branch)
+
+    def _extend(self, tokens: Sequence[int], positions: range, question: int, branch: int) -> None:
+        self.tokens += tokens
+        self.positions += positions
+        self.questions += [question] * len(tokens)
+        self.branches += [branch] * len(tokens)
+
+
+def pack_rows(pairs: Sequence[TokenPair], max_length: int) -> list[PackedRow]:
+    """Rows of at most `width` tokens scoring every pair, fullest first.
+
+    Each pair is context+continuation cut from the left to max_length+1 tokens, as lm-eval's `hf`
+    backend does. Pairs with the same (cut) context form one question; a question too long for one row
+    is split over rows, each with its own copy of the context. Questions go into rows best-fit, longest
+    first, and the row width is the smallest power of two that holds the longest question.
+    """
+    questions: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+    for request, (context, continuation) in enumerate(pairs):
         whole = (context + continuation)[-(max_length + 1) :]
-        rows.setdefault((tuple(whole[:-1]), len(continuation)), []).append((index, whole[-1]))
-    keys = sorted(rows, key=lambda key: (-len(key[0]), rows[key][0][0]))
-    batches, owners = [], []
-    for start in range(0, len(keys), batch_size):
-        chunk = keys[start : start + batch_size]
-        width = bucket_length(len(chunk[0][0]), max_length)
-        tokens = np.zeros((batch_size, width), np.int32)
-        targets = np.zeros((batch_size, width), np.int32)
-        mask = np.zeros((batch_size, width), np.float32)
-        last = np.zeros(batch_size, np.int32)
-        for row, (inputs, n_continuation) in enumerate(chunk):
-            n = len(inputs)
-            tokens[row, :n] = inputs
-            targets[row, : n - 1] = inputs[1:]
-            mask[row, n - n_continuation : n - 1] = 1.0
-            last[row] = n - 1
-        batches.append((tokens, targets, mask, last))
-        owners.append([rows[key] for key in chunk])
-    return batches, owners
+        n_scored = min(len(continuation), len(whole) - 1)
+        questions.setdefault(tuple(whole[:-n_scored]), []).append((request, whole[-n_scored:]))
+    units: list[tuple[int, tuple[int, ...], list[tuple[int, list[int]]]]] = []  # (tokens, context, branches)
+    for context, branches in questions.items():
+        unit: list[tuple[int, list[int]]] = []
+        size = len(context)
+        for request, continuation in branches:
+            if unit and size + len(continuation) - 1 > max_length:
+                units.append((size, context, unit))
+                unit, size = [], len(context)
+            unit.append((request, continuation))
+            size += len(continuation) - 1
+        units.append((size, context, unit))
+    units.sort(key=lambda unit: (-unit[0], unit[2][0][0]))
+    width = 1 << max(units[0][0] - 1, 0).bit_length() if units else 1
+    width = min(max(width, SMALLEST_BUCKET), max_length)
+    rows: list[PackedRow] = []
+    free: list[tuple[int, int]] = []  # (free tokens, row number), sorted: best fit is the first that fits
+    for size, context, branches in units:
+        at = bisect.bisect_left(free, (size, -1))
+        if at == len(free):
+            rows.append(PackedRow())
+            number, room = len(rows) - 1, width
+        else:
+            room, number = free.pop(at)
+        rows[number].add(context, branches)
+        bisect.insort(free, (room - size, number))
+    return sorted(rows, key=lambda row: -len(row.tokens))
+
+
+def batch_rows(rows: Sequence[PackedRow], n_rows: int, width: int) -> tuple[Batch, np.ndarray]:
+    """Model inputs for these rows, padded to [n_rows, width], and the request each slot belongs to (-1:
+    padding). Slots are padded to a multiple of SLOT_BLOCK."""
+    n_slots = -(-sum(len(row.slots) for row in rows) // SLOT_BLOCK) * SLOT_BLOCK
+    arrays = np.zeros((4, n_rows, width), np.int32)  # tokens, positions, questions, branches
+    slot_index = np.zeros(n_slots, np.int32)
+    slot_target = np.zeros(n_slots, np.int32)
+    slot_request = np.full(n_slots, -1, np.int64)
+    at = 0
+    for r, row in enumerate(rows):
+        n = len(row.tokens)
+        for a, values in enumerate((row.tokens, row.positions, row.questions, row.branches)):
+            arrays[a, r, :n] = values
+        for index, target, request in row.slots:
+            slot_index[at], slot_target[at], slot_request[at] = r * width + index, target, request
+            at += 1
+    return (*arrays, slot_index, slot_target), slot_request
+
+
+def make_batches(pairs: Sequence[TokenPair], batch_size: int, max_length: int) -> list[tuple[Batch, np.ndarray]]:
+    """All pairs packed into batches of one shape, [min(batch_size, rows rounded up to a power of two),
+    packing width], so that a whole evaluation compiles the model once: on CPU, compiling another shape
+    costs about what scoring a few hundred tokens does, and full rows leave little to pad."""
+    rows = pack_rows(pairs, max_length)
+    if not rows:
+        return []
+    width = bucket_length(max(len(row.tokens) for row in rows), max_length)
+    n_rows = min(batch_size, 1 << (len(rows) - 1).bit_length())
+    return [batch_rows(rows[start : start + n_rows], n_rows, width) for start in range(0, len(rows), n_rows)]
+
+
+def packed_attention_mask(questions: jax.Array, branches: jax.Array) -> jax.Array:
+    """[rows, 1, width, width]: a token sees earlier tokens of its own question that are its context
+    or in its own branch (padding, question 0, sees only padding)."""
+    width = questions.shape[1]
+    causal = jnp.tril(jnp.ones((width, width), bool))
+    same_question = questions[:, :, None] == questions[:, None, :]
+    visible_branch = (branches[:, None, :] == 0) | (branches[:, :, None] == branches[:, None, :])
+    return (causal & same_question & visible_branch)[:, None]
 
 
 class Scorer:
@@ -121,27 +207,34 @@ class Scorer:
         self.max_length = max_length
         model = Llama(self.config)
 
-        def score(params: Any, tokens: jax.Array, targets: jax.Array, mask: jax.Array, last: jax.Array) -> tuple:
-            logits, _ = model.apply({"params": params}, tokens)
-            # log-probabilities only where they are read: target logit minus the log-normalizer, so no
-            # second [batch, width, vocab] array is materialized
-            normalizer = jax.nn.logsumexp(logits, axis=-1)
-            target_logprobs = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - normalizer
-            greedy = (jnp.argmax(logits, axis=-1) == targets) | (mask == 0)
-            rows = jnp.arange(logits.shape[0])
-            last_logprobs = logits[rows, last] - normalizer[rows, last][:, None]
-            return (target_logprobs * mask).sum(-1), greedy.all(-1), last_logprobs
+        def hidden_states(params: Any, tokens: jax.Array, positions: jax.Array, questions: jax.Array,
+                          branches: jax.Array) -> jax.Array:
+            mask = packed_attention_mask(questions, branches)
+            hidden, _ = model.apply({"params": params}, tokens, positions, mask=mask, method=Llama.hidden_states)
+            return hidden
+
+        def score_slots(params: Any, hidden: jax.Array, target: jax.Array) -> tuple:
+            logits = model.apply({"params": params}, hidden, method=Llama.logits)
+            logprob = jnp.take_along_axis(logits, target[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
+            return logprob, jnp.argmax(logits, axis=-1) == target
 
         def extend(params: Any, tokens: jax.Array, cache: list[dict]) -> tuple:
             return model.apply({"params": params}, tokens, cache=cache)
 
-        self._score = jax.jit(score)
+        # the output layer is a program of its own, run on SLOT_BLOCK scored tokens at a time: it then
+        # runs where it is read, a few tokens per row instead of the whole row, and compiles once
+        self._hidden_states = jax.jit(hidden_states)
+        self._score_slots = jax.jit(score_slots)
         self._extend = jax.jit(extend)
 
-    def loglikelihoods(self, batch: Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per row: log-probability of the continuation but its last token, whether those tokens are all
-        the greedy choice, and the log-probabilities [vocab] at the last token's position."""
-        return tuple(np.asarray(x) for x in self._score(self.params, *batch))
+    def loglikelihoods(self, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+        """Per slot of a batch: the target's log-probability and whether it is the greedy choice."""
+        *inputs, index, target = batch
+        hidden = self._hidden_states(self.params, *inputs)
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        blocks = [slice(start, start + SLOT_BLOCK) for start in range(0, len(index), SLOT_BLOCK)]
+        scored = [self._score_slots(self.params, hidden[index[block]], target[block]) for block in blocks]
+        return tuple(np.concatenate([np.asarray(block[i]) for block in scored]) for i in (0, 1))
 
     def generate(self, context: list[int], until: list[str], max_gen_toks: int) -> str:
         """Greedy continuation of `context`, cut before the first `until` string."""
@@ -254,15 +347,15 @@ class OpenLlamaLM(TemplateLM):
         self, requests: list[tuple[tuple[str, str] | None, list[int], list[int]]], disable_tqdm: bool = False,
         **kwargs: Any,
     ) -> list[tuple[float, bool]]:
-        batches, owners = make_batches([(ctx, cont) for _, ctx, cont in requests], self.batch_size, self.max_length)
-        scored = self._map("loglikelihoods", [(batch,) for batch in batches], "loglikelihood batches")
-        results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-        for (head_logprobs, head_greedy, last_logprobs), batch_owners in zip(scored, owners, strict=True):
-            for row, row_owners in enumerate(batch_owners):
-                best = int(np.argmax(last_logprobs[row]))
-                for index, last_token in row_owners:
-                    logprob = float(head_logprobs[row]) + float(last_logprobs[row, last_token])
-                    results[index] = (logprob, bool(head_greedy[row]) and best == last_token)
+        batches = make_batches([(ctx, cont) for _, ctx, cont in requests], self.batch_size, self.max_length)
+        scored = self._map("loglikelihoods", [(batch,) for batch, _ in batches], "loglikelihood batches")
+        logprobs = np.zeros(len(requests))
+        misses = np.zeros(len(requests), np.int64)  # continuation tokens that are not the greedy choice
+        for (slot_logprob, slot_greedy), (_, slot_request) in zip(scored, batches, strict=True):
+            real = slot_request >= 0
+            np.add.at(logprobs, slot_request[real], slot_logprob[real])
+            np.add.at(misses, slot_request[real], ~slot_greedy[real])
+        results = [(float(logprob), not miss) for logprob, miss in zip(logprobs, misses, strict=True)]
         for (cache_key, _, _), result in zip(requests, results, strict=True):
             if cache_key is not None:
                 self.cache_hook.add_partial("loglikelihood", cache_key, result)

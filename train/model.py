@@ -104,7 +104,7 @@ PRESETS: dict[str, LlamaConfig] = {
 }
 
 
-def _dense(features: int, config: LlamaConfig, name: str) -> nn.Dense:
+def _dense(features: int, config: LlamaConfig, name: str | None = None) -> nn.Dense:
     return nn.Dense(
         features,
         use_bias=False,
@@ -138,11 +138,34 @@ def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return x * cos + rotated * sin
 
 
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention of q [batch, seq, heads, head_dim] over k, v [batch, keys, kv_heads, head_dim]
+    where mask [batch or 1, 1, seq, keys] is True, scores and softmax in float32.
+
+    Written out with heads before positions instead of calling `jax.nn.dot_product_attention`: XLA's
+    CPU backend runs this layout about 1.8x faster, and the grouped query heads (GQA) of one kv head
+    share its keys without copying them.
+    """
+    batch, seq, heads, head_dim = q.shape
+    kv_heads, keys = k.shape[2], k.shape[1]
+    group = heads // kv_heads
+    q = q.reshape(batch, seq, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
+    q = q.reshape(batch, kv_heads, group * seq, head_dim) * head_dim**-0.5
+    scores = jnp.matmul(q, k.transpose(0, 2, 3, 1), preferred_element_type=jnp.float32)
+    mask = jnp.broadcast_to(mask[:, :, None], (mask.shape[0], 1, group, seq, keys)).reshape(-1, 1, group * seq, keys)
+    probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
+    out = jnp.matmul(probs.astype(v.dtype), v.transpose(0, 2, 1, 3))  # [batch, kv_heads, group * seq, head_dim]
+    out = out.reshape(batch, kv_heads, group, seq, head_dim).transpose(0, 3, 1, 2, 4)
+    return out.reshape(batch, seq, heads, head_dim)
+
+
 class Attention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None) -> tuple[jax.Array, dict | None]:
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, cache: dict | None, mask: jax.Array | None
+    ) -> tuple[jax.Array, dict | None]:
         c = self.config
         batch, seq, _ = x.shape
         q = _dense(c.num_attention_heads * c.head_dim, c, "q_proj")(x)
@@ -152,7 +175,7 @@ class Attention(nn.Module):
         k = rotary(k.reshape(batch, seq, c.num_key_value_heads, c.head_dim), positions, c.rope_theta)
         v = v.reshape(batch, seq, c.num_key_value_heads, c.head_dim)
         if cache is None:
-            out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+            out = attention(q, k, v, jnp.tril(jnp.ones((seq, seq), bool))[None, None] if mask is None else mask)
         else:
             index = cache["index"]
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
@@ -161,7 +184,7 @@ class Attention(nn.Module):
             key_pos = jnp.arange(k.shape[1])
             query_pos = index + jnp.arange(seq)
             mask = (key_pos[None, :] <= query_pos[:, None])[None, None]
-            out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
+            out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         out = out.reshape(batch, seq, c.num_attention_heads * c.head_dim)
         return _dense(c.hidden_size, c, "o_proj")(out), cache
 
@@ -181,9 +204,11 @@ class Block(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None) -> tuple[jax.Array, dict | None]:
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, cache: dict | None, mask: jax.Array | None
+    ) -> tuple[jax.Array, dict | None]:
         attn_out, cache = Attention(self.config, name="self_attn")(
-            RMSNorm(self.config, name="input_layernorm")(x), positions, cache
+            RMSNorm(self.config, name="input_layernorm")(x), positions, cache, mask
         )
         x = x + attn_out
         x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="post_attention_layernorm")(x))
@@ -191,44 +216,66 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    """Decoder-only LLaMA. Returns float32 logits and, when a cache is given, the updated cache."""
+    """Decoder-only LLaMA. Returns float32 logits and, when a cache is given, the updated cache.
+
+    `hidden_states` and `logits` are the two halves of a call, for callers that need the output layer
+    at a few positions only (eval scores continuations, not contexts). `mask` [batch, 1, seq, seq]
+    replaces the causal mask, e.g. to pack several sequences into one row.
+    """
 
     config: LlamaConfig
 
-    @nn.compact
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        positions: jax.Array | None = None,
-        cache: list[dict] | None = None,
-    ) -> tuple[jax.Array, list[dict] | None]:
+    def setup(self) -> None:
         c = self.config
-        if positions is None:
-            start = 0 if cache is None else cache[0]["index"]
-            positions = start + jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-        embed = nn.Embed(
+        self.embed_tokens = nn.Embed(
             c.vocab_size,
             c.hidden_size,
             dtype=DTYPES[c.dtype],
             param_dtype=DTYPES[c.param_dtype],
             embedding_init=nn.initializers.normal(c.initializer_range),
-            name="embed_tokens",
         )
-        x = embed(input_ids)
         block = Block
         if REMAT_POLICIES[c.remat_policy] is not None:
             block = nn.remat(Block, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=True)
+        self.layers = [block(c) for _ in range(c.num_hidden_layers)]  # named layers_0, layers_1, ...
+        self.norm = RMSNorm(c)
+        if not c.tie_word_embeddings:
+            self.lm_head = _dense(c.vocab_size, c)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        cache: list[dict] | None = None,
+        mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, list[dict] | None]:
+        x, cache = self.hidden_states(input_ids, positions, cache, mask)
+        return self.logits(x), cache
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        cache: list[dict] | None = None,
+        mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, list[dict] | None]:
+        """The final-normed hidden states [batch, seq, hidden] that `logits` turns into logits."""
+        if positions is None:
+            start = 0 if cache is None else cache[0]["index"]
+            positions = start + jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        x = self.embed_tokens(input_ids)
         new_cache = [] if cache is not None else None
-        for i in range(c.num_hidden_layers):
-            x, layer_cache = block(c, name=f"layers_{i}")(x, positions, None if cache is None else cache[i])
+        for i, layer in enumerate(self.layers):
+            x, layer_cache = layer(x, positions, None if cache is None else cache[i], mask)
             if new_cache is not None:
                 new_cache.append(layer_cache)
-        x = RMSNorm(c, name="norm")(x)
-        if c.tie_word_embeddings:
-            logits = embed.attend(x)
-        else:
-            logits = _dense(c.vocab_size, c, "lm_head")(x)
-        return logits.astype(jnp.float32), new_cache
+        return self.norm(x), new_cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Float32 logits over the vocabulary for hidden states of any leading shape."""
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens.attend(hidden).astype(jnp.float32)
+        return self.lm_head(hidden).astype(jnp.float32)
 
 
 def init_params(config: LlamaConfig, seed: int = 0) -> dict:
