@@ -100,7 +100,7 @@ class PackedRow:
 
     def add(self, context: Sequence[int], continuations: list[tuple[int, list[int]]]) -> None:
         """Append one question: its context, then a branch per (request, continuation)."""
-        question = len(set(self.questions)) + 1
+        question = (self.questions[-1] if self.questions else 0) + 1
         start, n = len(self.tokens), len(context)
         self._extend(context, range(n), question, 0)
         for branch, (request, continuation) in enumerate(continuations, 1):
@@ -117,15 +117,18 @@ class PackedRow:
 
 
 def pack_rows(pairs: Sequence[TokenPair], max_length: int) -> list[PackedRow]:
-    """Rows of at most `width` tokens scoring every pair, fullest first.
+    """Rows of at most max_length tokens scoring every pair, fullest first.
 
     Each pair is context+continuation cut from the left to max_length+1 tokens, as lm-eval's `hf`
     backend does. Pairs with the same (cut) context form one question; a question too long for one row
     is split over rows, each with its own copy of the context. Questions go into rows best-fit, longest
-    first, and the row width is the smallest power of two that holds the longest question.
+    first, into rows as wide as the smallest power of two that holds the longest question. An empty
+    continuation has nothing to score (its log-likelihood is 0) and gets no slot.
     """
     questions: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
     for request, (context, continuation) in enumerate(pairs):
+        if not continuation:
+            continue
         whole = (context + continuation)[-(max_length + 1) :]
         n_scored = min(len(continuation), len(whole) - 1)
         questions.setdefault(tuple(whole[:-n_scored]), []).append((request, whole[-n_scored:]))

@@ -271,7 +271,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--include-path", action="append", default=[], metavar="DIR",
                         help="another folder of lm-eval task YAMLs (repeatable)")
     parser.add_argument("--workers", type=int, default=1, help="Ray actors that each hold the model")
-    parser.add_argument("--batch-size", type=int, default=16, help="requests scored together")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="packed rows scored together (a row holds several requests)")
     parser.add_argument("--tokenizer", default=None, help="SentencePiece model (default: the checkpoint's)")
     parser.add_argument("--compare", action="store_true",
                         help="show the published GPT-J / LLaMA / OpenLLaMA columns beside ours")

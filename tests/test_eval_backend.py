@@ -86,6 +86,10 @@ def test_a_small_evaluation_is_one_batch_of_a_power_of_two_rows():
     assert tokens.shape == (4, 32)
 
 
+def test_an_empty_continuation_scores_zero_and_is_greedy(lm):
+    assert lm._loglikelihood_tokens([(None, [1, 5, 6], [])]) == [(0.0, True)]
+
+
 def test_a_question_too_long_for_one_row_is_split_with_a_copy_of_its_context():
     pairs = [([1, 2, 3], [4] * 10), ([1, 2, 3], [5] * 10)]
     rows = pack_rows(pairs, max_length=16)
