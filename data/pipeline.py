@@ -293,12 +293,17 @@ def _run_units(units: list[dict], settings: dict, out_dir: str, model_proto: byt
     from tqdm import tqdm
 
     stop_after = int(os.environ.get(STOP_AFTER_UNITS_ENV, "0"))
+    # A dataset takes a copy of the current DataContext when it is made: set ours for this one, then put
+    # the process's settings back. Our tqdm counts files. Ray Data reserves a share of the CPUs per
+    # operator; with the single map operator here that only holds CPUs back (on 2 CPUs: one task at a
+    # time for the first second, then 0.1-0.2 s idle between tasks).
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    # Ray Data reserves a share of the CPUs per operator; with the single map operator here that only holds
-    # CPUs back (on 2 CPUs: one task at a time for the first second, then 0.1-0.2 s idle between tasks)
-    context.op_resource_reservation_enabled = False
-    dataset = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
+    saved = context.enable_progress_bars, context.op_resource_reservation_enabled
+    context.enable_progress_bars = context.op_resource_reservation_enabled = False
+    try:
+        dataset = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
+    finally:
+        context.enable_progress_bars, context.op_resource_reservation_enabled = saved
     done = dataset.map(
         lambda row: {"unit_id": run_unit(row, settings, out_dir, model_proto)["unit_id"]},
         num_cpus=1,
