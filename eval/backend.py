@@ -181,8 +181,8 @@ def batch_rows(rows: Sequence[PackedRow], n_rows: int, width: int) -> tuple[Batc
 
 def make_batches(pairs: Sequence[TokenPair], batch_size: int, max_length: int) -> list[tuple[Batch, np.ndarray]]:
     """All pairs packed into batches of one shape, [min(batch_size, rows rounded up to a power of two),
-    packing width], so that a whole evaluation compiles the model once: on CPU, compiling another shape
-    costs about what scoring a few hundred tokens does, and full rows leave little to pad."""
+    bucket of the longest row], so that a whole evaluation compiles the model once: on CPU, compiling
+    another shape costs about what scoring a few hundred tokens does, and full rows leave little to pad."""
     rows = pack_rows(pairs, max_length)
     if not rows:
         return []
@@ -237,7 +237,8 @@ class Scorer:
         hidden = hidden.reshape(-1, hidden.shape[-1])
         blocks = [slice(start, start + SLOT_BLOCK) for start in range(0, len(index), SLOT_BLOCK)]
         scored = [self._score_slots(self.params, hidden[index[block]], target[block]) for block in blocks]
-        return tuple(np.concatenate([np.asarray(block[i]) for block in scored]) for i in (0, 1))
+        logprobs, greedy = zip(*scored, strict=True)
+        return np.concatenate(logprobs), np.concatenate(greedy)
 
     def generate(self, context: list[int], until: list[str], max_gen_toks: int) -> str:
         """Greedy continuation of `context`, cut before the first `until` string."""
