@@ -60,7 +60,7 @@ def test_bfloat16_compute_with_float32_params_is_close_to_float32():
     assert np.abs(mixed - exact).max() < 0.05 * np.abs(exact).max()
 
 
-@pytest.mark.parametrize("policy", ["full"])
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
 def test_remat_policy_gives_the_same_loss_and_gradients_as_none(policy):
     params = init_params(TINY, seed=4)
     ids = jnp.asarray(random_ids(2, 16))
@@ -75,6 +75,22 @@ def test_remat_policy_gives_the_same_loss_and_gradients_as_none(policy):
     np.testing.assert_allclose(remat_loss, base_loss, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(base_grads), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_dots_policies_keep_the_projections_instead_of_recomputing_them():
+    ids = jnp.asarray(random_ids(2, 16))
+
+    def products_in_backward(policy: str) -> int:
+        config = dataclasses.replace(TINY, remat_policy=policy)
+        params = init_params(config, seed=4)
+        grad = jax.grad(lambda p: Llama(config).apply({"params": p}, ids)[0].sum())
+        return str(jax.make_jaxpr(grad)(params)).count("dot_general[")
+
+    none, full = products_in_backward("none"), products_in_backward("full")
+    projections_recomputed = 7 * TINY.num_hidden_layers
+    assert full >= none + projections_recomputed
+    assert products_in_backward("dots_no_batch") < none + projections_recomputed
+    assert products_in_backward("dots") < none + projections_recomputed
 
 
 @pytest.mark.parametrize(
