@@ -16,7 +16,7 @@ from openllama.cli import main as cli
 from openllama.train.checkpoint import load_model, save_model
 from openllama.train.easylm import import_easylm, rotate_half_to_interleaved
 from openllama.train.hf import ConversionError, export_hf, import_hf
-from openllama.train.model import Llama, LlamaConfig, init_params, rotary
+from openllama.train.model import Llama, LlamaConfig, init_params, rotary, rotary_tables
 
 TINY = LlamaConfig.preset("tiny")
 
@@ -143,9 +143,9 @@ def test_q_k_permutation_preserves_attention_scores_of_interleaved_rotary(weight
     theirs = np.einsum("qhd,khd->hqk", q, k)
     ours_q = x @ interleaved_to_rotate_half(wq, heads)
     ours_k = x @ interleaved_to_rotate_half(wk, heads)
-    pos = jnp.asarray(positions)[None]
-    q = rotary(jnp.asarray(ours_q.reshape(1, 9, heads, head_dim), jnp.float32), pos, TINY.rope_theta)[0]
-    k = rotary(jnp.asarray(ours_k.reshape(1, 9, heads, head_dim), jnp.float32), pos, TINY.rope_theta)[0]
+    tables = rotary_tables(jnp.asarray(positions)[None], head_dim, TINY.rope_theta, jnp.float32)
+    q = rotary(jnp.asarray(ours_q.reshape(1, 9, heads, head_dim), jnp.float32), *tables)[0]
+    k = rotary(jnp.asarray(ours_k.reshape(1, 9, heads, head_dim), jnp.float32), *tables)[0]
     ours = np.einsum("qhd,khd->hqk", np.asarray(q), np.asarray(k))
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-3)
 

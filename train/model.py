@@ -181,14 +181,21 @@ class RMSNorm(nn.Module):
         return weight.astype(DTYPES[self.config.dtype]) * x32.astype(DTYPES[self.config.dtype])
 
 
-def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotate-half rotary embedding of x [batch, seq, heads, head_dim] at integer positions [batch, seq]."""
-    dim = x.shape[-1]
+def rotary_tables(positions: jax.Array, dim: int, theta: float, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [batch, seq, 1, dim] of the rotary embedding at integer positions [batch, seq].
+
+    Computed once per forward pass for all layers: inside each layer XLA fuses them into the rotation
+    and recomputes them for every head of q and k.
+    """
     inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
-    half = dim // 2
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half rotary embedding of x [batch, seq, heads, head_dim] with `rotary_tables`."""
+    half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin
 
@@ -264,15 +271,15 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, positions: jax.Array, cache: dict | None, mask: jax.Array | None
+        self, x: jax.Array, rope: tuple[jax.Array, jax.Array], cache: dict | None, mask: jax.Array | None
     ) -> tuple[jax.Array, dict | None]:
         c = self.config
         batch, seq, _ = x.shape
         q = Dense(c.num_attention_heads * c.head_dim, c, name="q_proj")(x)
         k = Dense(c.num_key_value_heads * c.head_dim, c, name="k_proj")(x)
         v = Dense(c.num_key_value_heads * c.head_dim, c, name="v_proj")(x)
-        q = rotary(q.reshape(batch, seq, c.num_attention_heads, c.head_dim), positions, c.rope_theta)
-        k = rotary(k.reshape(batch, seq, c.num_key_value_heads, c.head_dim), positions, c.rope_theta)
+        q = rotary(q.reshape(batch, seq, c.num_attention_heads, c.head_dim), *rope)
+        k = rotary(k.reshape(batch, seq, c.num_key_value_heads, c.head_dim), *rope)
         v = v.reshape(batch, seq, c.num_key_value_heads, c.head_dim)
         if cache is None:
             out = attention(q, k, v, jnp.tril(jnp.ones((seq, seq), bool))[None, None] if mask is None else mask)
@@ -305,10 +312,10 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, positions: jax.Array, cache: dict | None, mask: jax.Array | None
+        self, x: jax.Array, rope: tuple[jax.Array, jax.Array], cache: dict | None, mask: jax.Array | None
     ) -> tuple[jax.Array, dict | None]:
         attn_out, cache = Attention(self.config, name="self_attn")(
-            RMSNorm(self.config, name="input_layernorm")(x), positions, cache, mask
+            RMSNorm(self.config, name="input_layernorm")(x), rope, cache, mask
         )
         x = x + attn_out
         x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="post_attention_layernorm")(x))
@@ -364,9 +371,10 @@ class Llama(nn.Module):
             start = 0 if cache is None else cache[0]["index"]
             positions = start + jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         x = self.embed_tokens(input_ids)
+        rope = rotary_tables(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         new_cache = [] if cache is not None else None
         for i, layer in enumerate(self.layers):
-            x, layer_cache = layer(x, positions, None if cache is None else cache[i], mask)
+            x, layer_cache = layer(x, rope, None if cache is None else cache[i], mask)
             if new_cache is not None:
                 new_cache.append(layer_cache)
         return self.norm(x), new_cache
