@@ -213,7 +213,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     q = q.reshape(batch, seq, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
     q = q.reshape(batch, kv_heads, group * seq, head_dim) * head_dim**-0.5
     mask = jnp.broadcast_to(mask[:, :, None], (mask.shape[0], 1, group, seq, keys)).reshape(-1, 1, group * seq, keys)
-    out = checkpoint_name(_attend(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask), "attention")
+    q, k, v = row_major(q), row_major(k.transpose(0, 2, 1, 3)), row_major(v.transpose(0, 2, 1, 3))
+    out = checkpoint_name(_attend(q, k, v, mask), "attention")
     out = out.reshape(batch, kv_heads, group, seq, head_dim).transpose(0, 3, 1, 2, 4)
     return out.reshape(batch, seq, heads, head_dim)
 
