@@ -152,7 +152,7 @@ class Dense(nn.Module):
 
     The leading axes are flattened first so that the matmul and both of its gradients are plain 2-D
     products: on [batch, seq, hidden] XLA's CPU backend transposes the activation gradients in the
-    backward pass, which made a LLaMA MLP's forward and backward 1.7x slower. In bfloat16 the product
+    backward pass, which made the float32 training step 1.3x slower. In bfloat16 the product
     accumulates in float32 (what TPUs and GPUs do anyway; on CPU the fast bfloat16 kernels need it).
     """
 
