@@ -27,14 +27,15 @@ CONFIG = LlamaConfig(vocab_size=8192, hidden_size=768, intermediate_size=2048, n
                      num_attention_heads=12, max_position_embeddings=1024)
 
 
-def best_seconds(run: Callable[[], object], reps: int = 10) -> float:
-    run()
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
+def alternating_seconds(ours: Callable[[], object], theirs: Callable[[], object], rounds: int) -> np.ndarray:
+    """Seconds per call [rounds, 2], one call of each per round, in turn: the machine's drift hits both alike."""
+    times = np.zeros((rounds, 2))
+    for r in range(rounds):
+        for i in (0, 1) if r % 2 == 0 else (1, 0):
+            start = time.perf_counter()
+            (ours, theirs)[i]()
+            times[r, i] = time.perf_counter() - start
+    return times
 
 
 def matmul_peaks(dtype: str, n: int = 2048) -> tuple[float, float]:
@@ -49,8 +50,9 @@ def matmul_peaks(dtype: str, n: int = 2048) -> tuple[float, float]:
     x = jnp.asarray(a, dtype)
     dot = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
     t = torch.from_numpy(a).to(getattr(torch, dtype))
-    flops = 2 * n**3
-    return flops / best_seconds(lambda: dot(x).block_until_ready()), flops / best_seconds(lambda: t @ t)
+    dot(x).block_until_ready(), t @ t  # compile, warm up
+    best = alternating_seconds(lambda: dot(x).block_until_ready(), lambda: t @ t, rounds=10).min(axis=0)
+    return 2 * n**3 / best[0], 2 * n**3 / best[1]
 
 
 def jax_stepper(batch: np.ndarray, dtype: str) -> Callable[[], None]:
@@ -99,17 +101,6 @@ def torch_stepper(batch: np.ndarray, dtype: str) -> Callable[[], None]:
 
     one_step()  # warm-up
     return one_step
-
-
-def alternating_seconds(ours: Callable[[], None], theirs: Callable[[], None], rounds: int) -> np.ndarray:
-    """Seconds per step [rounds, 2], one step of each per round: the machine's drift hits both alike."""
-    times = np.zeros((rounds, 2))
-    for r in range(rounds):
-        for i, step in enumerate((ours, theirs) if r % 2 == 0 else (theirs, ours)):
-            start = time.perf_counter()
-            step()
-            times[r, i if r % 2 == 0 else 1 - i] = time.perf_counter() - start
-    return times
 
 
 def main() -> None:
