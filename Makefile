@@ -35,7 +35,7 @@ test: lint  ## ruff, then the whole test suite (pytest exits 5 when it collects 
 faults: $(INSTALLED)  ## fault-injection suite, then a table: fault -> what happened -> data lost -> time to recover
 	@rm -f .faults.jsonl
 	@OPENLLAMA_FAULT_REPORT=$(CURDIR)/.faults.jsonl $(BIN)/pytest tests/faults -m faults; status=$$?; \
-	$(BIN)/python -m openllama.faults .faults.jsonl; exit $$status
+	$(BIN)/python tests/harness.py .faults.jsonl; exit $$status
 
 bench: $(INSTALLED)  ## every benchmark script; each prints ratios against a baseline it measures itself
 	@set -e; scripts="$$(ls bench/*.py 2>/dev/null)"; [ -n "$$scripts" ] || { echo "no bench/*.py scripts"; exit 1; }; \

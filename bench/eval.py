@@ -89,7 +89,7 @@ def main() -> None:
     from openllama.data.tokenizer import train_sentencepiece
     from openllama.eval.backend import OpenLlamaLM
     from openllama.train.checkpoint import save_model
-    from openllama.train.hf import export_hf
+    from openllama.train.convert.hf import export_hf
     from openllama.train.model import LlamaConfig, init_params
 
     # The bench tokenizer has 512 pieces; the model keeps OpenLLaMA's 32000-row embedding and output

@@ -23,8 +23,8 @@ import torch  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
 from openllama.train.checkpoint import save_model  # noqa: E402
-from openllama.train.generate import generate  # noqa: E402
-from openllama.train.hf import export_hf  # noqa: E402
+from openllama.eval.decode import generate  # noqa: E402
+from openllama.train.convert.hf import export_hf  # noqa: E402
 from openllama.train.model import Llama, LlamaConfig, init_params  # noqa: E402
 
 

@@ -91,7 +91,7 @@ class PeakRss:
 
 
 def run_ours(files: list[str], tokenizer: str, out: Path) -> tuple[float, int, PeakRss]:
-    from openllama.data.pipeline import tokenize_dataset
+    from openllama.data.tokenize import tokenize_dataset
 
     with PeakRss() as peak:
         start = time.perf_counter()

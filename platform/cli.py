@@ -12,13 +12,13 @@ import sys
 # name -> (module:function taking argv and returning an exit code, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("openllama.data.tokenizer:main", "train a LLaMA-style SentencePiece tokenizer (tokenizer train)"),
-    "data": ("openllama.data.pipeline:main", "validate, tokenize and pack RedPajama into shards (data tokenize)"),
+    "data": ("openllama.data.tokenize:main", "validate, tokenize and pack RedPajama into shards (data tokenize)"),
     "train": ("openllama.train.run:main", "pretrain LLaMA under Ray Train's JaxTrainer from a YAML config"),
     "eval": ("openllama.eval.run:main", "evaluate a checkpoint with lm-evaluation-harness tasks"),
-    "generate": ("openllama.train.generate:main", "generate text from a checkpoint, streamed"),
-    "export-hf": ("openllama.train.hf:export_main", "write a checkpoint in Hugging Face LlamaForCausalLM format"),
-    "import-hf": ("openllama.train.hf:import_main", "read any LLaMA-architecture Hugging Face checkpoint"),
-    "import-easylm": ("openllama.train.easylm:main", "read an EasyLM streaming checkpoint (OpenLLaMA's release)"),
+    "generate": ("openllama.eval.decode:main", "generate text from a checkpoint, streamed"),
+    "export-hf": ("openllama.train.convert.hf:export_main", "write a checkpoint in Hugging Face LlamaForCausalLM format"),
+    "import-hf": ("openllama.train.convert.hf:import_main", "read any LLaMA-architecture Hugging Face checkpoint"),
+    "import-easylm": ("openllama.train.convert.easylm:main", "read an EasyLM streaming checkpoint (OpenLLaMA's release)"),
     "config": ("openllama.settings:main", "show a resolved config (config show PRESET)"),
     "pipeline": ("openllama.pipeline:main", "run the whole pipeline as Ray jobs (what `make demo` runs)"),
 }

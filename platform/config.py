@@ -6,6 +6,7 @@ is allowed. Stages define their own dataclasses; this module only builds and che
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
 import types
@@ -15,10 +16,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from openllama.commands import BadInput
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput):
     """A config value that is missing, unknown or of the wrong type; the message names the field."""
 
 
@@ -123,15 +126,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
 
 def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """A validated `cls` from an optional YAML file plus `key=value` overrides."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        values = loaded
+    values = _read_mapping(Path(path)) if path is not None else {}
     return build(cls, apply_overrides(values, overrides or []))
 
 
@@ -180,3 +175,60 @@ def redact_tree(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         k: redact_tree(v, f"{prefix}{k}.") if isinstance(v, dict) else redact({f"{prefix}{k}": v})[f"{prefix}{k}"]
         for k, v in values.items()
     }
+
+
+REQUIRED = "<required>"
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--config YAML` and `--set KEY=VALUE`, beside a command's own flags (which win over the file)."""
+    parser.add_argument("--config", metavar="YAML", help="settings file; flags and --set win over it")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="any setting of `openllama config show` for this command (repeatable)")
+
+
+def from_arguments(cls: type[T], args: argparse.Namespace) -> T:
+    """A validated `cls` from `--config`, then the flags whose names are fields (None = not given), then `--set`.
+
+    Flags default to None so that the dataclass holds the one default of every setting.
+    """
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        values = _read_mapping(Path(args.config))
+    for f in dataclasses.fields(cls):
+        given = getattr(args, f.name, None)
+        if given is not None:
+            values[f.name] = given
+    return build(cls, apply_overrides(values, getattr(args, "overrides", None) or []))
+
+
+def describe(cls: type, overrides: list[str] | None = None) -> dict[str, Any]:
+    """`cls`'s settings with `overrides` applied, checked, and required fields not given shown as <required>."""
+    values = apply_overrides({}, overrides or [])
+    missing = {f.name: REQUIRED for f in dataclasses.fields(cls)
+               if f.name not in values and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING}
+    stand_ins = {name: _stand_in(typing.get_type_hints(cls)[name]) for name in missing}
+    built = to_dict(build(cls, {**values, **stand_ins}))
+    return {**built, **missing}
+
+
+def _stand_in(hint: Any) -> Any:
+    """A value of type `hint` that lets `describe` build a config whose required field was not given."""
+    origin = typing.get_origin(hint)
+    if origin in (list, tuple):
+        return []
+    if origin is dict:
+        return {}
+    if origin in (typing.Union, types.UnionType):
+        return _stand_in(next(a for a in typing.get_args(hint) if a is not type(None)))
+    return {int: 0, float: 0.0, bool: False}.get(hint, "")
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return loaded

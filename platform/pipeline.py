@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from openllama import ray_jobs, services
+from openllama import files, ray_jobs, services
 
 log = logging.getLogger("openllama.pipeline")
 
@@ -150,7 +150,7 @@ class Runner:
         started = time.time()
         entry = {"stage": stage.name, **identity, "status": "running", "submission_id": submission_id,
                  "started": started}
-        services.write_json(ledger_path, entry)
+        files.write_json(ledger_path, entry)
         log.info("stage %-9s (%s) submitting Ray job %s: %s", stage.name, reason, submission_id,
                  " ".join(stage.command))
         log_path = self.out / "logs" / f"{stage.name}.log"
@@ -162,7 +162,7 @@ class Runner:
             raise ray_jobs.JobFailed(f"stage {stage.name} succeeded but did not write {missing}; log {log_path}")
         entry.update(status="done", seconds=round(time.time() - started, 1), **stage.facts,
                      **facts_from_output(output))
-        services.write_json(ledger_path, entry)
+        files.write_json(ledger_path, entry)
         log.info("stage %-9s done in %.0f s", stage.name, entry["seconds"])
         self.ran.append(stage.name)
         return entry
@@ -355,7 +355,7 @@ def main(argv: list[str]) -> int:
     import mlflow
 
     runs = record_lineage(mlflow.MlflowClient(tracking_uri), out, ledgers, git_commit())
-    services.write_json(out / "lineage.json", {"tracking_uri": tracking_uri, "runs": runs})
+    files.write_json(out / "lineage.json", {"tracking_uri": tracking_uri, "runs": runs})
     summary = [
         f"\npipeline finished in {time.time() - started:.0f} s; ran: {', '.join(runner.ran) or 'nothing'}; "
         f"reused: {', '.join(runner.reused) or 'nothing'}",

@@ -21,7 +21,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -33,6 +32,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
+
+from openllama.files import write_json
+from openllama.processes import group_pids, stop_group
 
 RAY_STATE = "ray-head.json"
 MLFLOW_STATE = "mlflow-server.json"
@@ -61,56 +63,6 @@ def _bin(name: str) -> str:
     return found
 
 
-def group_pids(pgid: int) -> list[int]:
-    """The live processes of process group `pgid` (every process a service spawned stays in it)."""
-    pids = []
-    for proc in psutil.process_iter(["status"]):
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                pids.append(proc.pid)
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            continue
-    return pids
-
-
-def _group_cmdlines(pgid: int) -> list[str]:
-    lines = []
-    for pid in group_pids(pgid):
-        try:
-            lines.append(" ".join(psutil.Process(pid).cmdline()))
-        except psutil.Error:
-            continue
-    return lines
-
-
-def kill_group(pgid: int, marker: str, timeout: float = 3.0) -> bool:
-    """SIGTERM then SIGKILL process group `pgid`, but only if one of its commands mentions `marker`.
-
-    The grace period is short on purpose: Ray's daemons and MLflow's workers take 10-20 s to exit on
-    SIGTERM, and nothing they hold needs it (sqlite commits are atomic, Ray state is thrown away).
-
-    The marker (a path only our service uses) guards against a stale record whose id now belongs to
-    someone else's processes. Returns whether anything was stopped.
-    """
-    if not any(marker in line for line in _group_cmdlines(pgid)):
-        return False
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        return True
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and group_pids(pgid):
-        time.sleep(0.2)
-    if group_pids(pgid):
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        while group_pids(pgid) and time.monotonic() < deadline + 5:
-            time.sleep(0.1)
-    return True
-
-
 def stop_with_owner(owner_pid: int, pgid: int, marker: str, remove: str | None = None) -> None:
     """Stop process group `pgid` when process `owner_pid` exits first (a watchdog in its own process).
 
@@ -125,7 +77,7 @@ def stop_with_owner(owner_pid: int, pgid: int, marker: str, remove: str | None =
 def _watch(owner_pid: int, pgid: int, marker: str, remove: str) -> None:
     while group_pids(pgid):
         if not psutil.pid_exists(owner_pid):
-            kill_group(pgid, marker)
+            stop_group(pgid, marker=marker)
             if remove:
                 shutil.rmtree(remove, ignore_errors=True)
             return
@@ -257,7 +209,7 @@ def read_ray_head(state_dir: str | Path) -> RayHead | None:
 
 def stop_ray_head(head: RayHead) -> bool:
     """Stop the head's process group and remove its temp dir and record; False if it was not running."""
-    stopped = kill_group(head.pgid, head.temp_dir)
+    stopped = stop_group(head.pgid, marker=head.temp_dir)
     shutil.rmtree(head.temp_dir, ignore_errors=True)
     (Path(head.state_dir) / RAY_STATE).unlink(missing_ok=True)
     return stopped
@@ -326,7 +278,7 @@ class MlflowServer:
 
     def stop(self) -> bool:
         """Stop the server's process group; the store and artifacts stay for the next `start()`."""
-        stopped = kill_group(self.pgid, self.store_uri) if self.pgid else False
+        stopped = stop_group(self.pgid, marker=self.store_uri) if self.pgid else False
         self.pgid = 0
         (Path(self.state_dir) / MLFLOW_STATE).unlink(missing_ok=True)
         return stopped
@@ -361,14 +313,6 @@ def stop_all(state_dir: str | Path) -> list[str]:
         stopped.append(f"MLflow server {server.uri}" if running
                        else f"MLflow server {server.uri} (was not running; record removed)")
     return stopped
-
-
-def write_json(path: Path, values: dict) -> None:
-    """Write JSON under a temporary name, then rename, so a reader never sees half a record."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(values, indent=2, sort_keys=True))
-    tmp.replace(path)
 
 
 if __name__ == "__main__":  # the watchdog of `stop_with_owner`: OWNER_PID PGID MARKER REMOVE

@@ -11,7 +11,7 @@ import pytest
 import sentencepiece as spm
 import zstandard
 
-from openllama.data import pipeline
+from openllama.data import tokenize
 from openllama.data.shards import DatasetNotFinished, PackedDataset
 
 SEQ_LEN = 64

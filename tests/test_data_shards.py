@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from openllama.data.pipeline import Packer
+from openllama.data.tokenize import Packer
 from openllama.data.shards import DatasetNotFinished, PackedDataset, ShardCorrupted
 
 SEQ_LEN = 8

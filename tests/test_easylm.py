@@ -14,8 +14,8 @@ from flax.serialization import to_bytes
 
 from openllama.cli import main as cli
 from openllama.train.checkpoint import load_model, save_model
-from openllama.train.easylm import import_easylm, rotate_half_to_interleaved
-from openllama.train.hf import ConversionError, export_hf, import_hf
+from openllama.train.convert.easylm import import_easylm, rotate_half_to_interleaved
+from openllama.train.convert.hf import ConversionError, export_hf, import_hf
 from openllama.train.model import Llama, LlamaConfig, init_params, rotary, rotary_tables
 
 TINY = LlamaConfig.preset("tiny")
@@ -131,7 +131,7 @@ def interleaved_rotary(x: np.ndarray, positions: np.ndarray, theta: float) -> np
 
 def test_q_k_permutation_preserves_attention_scores_of_interleaved_rotary(weights):
     """EasyLM scores (interleaved rotary on its wq/wk) equal ours (rotate-half on the imported wq/wk)."""
-    from openllama.train.easylm import interleaved_to_rotate_half
+    from openllama.train.convert.easylm import interleaved_to_rotate_half
 
     heads, head_dim = TINY.num_attention_heads, TINY.head_dim
     rng = np.random.default_rng(1)

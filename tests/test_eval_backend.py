@@ -11,7 +11,7 @@ from lm_eval.api.instance import Instance
 
 from openllama.eval.backend import OpenLlamaLM, bucket_length, make_batches, pack_rows, packed_attention_mask
 from openllama.train.checkpoint import load_model, save_model
-from openllama.train.generate import generate
+from openllama.eval.decode import generate
 from openllama.train.model import Llama, LlamaConfig, init_params
 
 TEXT = "The river runs past the old mill and under the stone bridge before it reaches the sea."

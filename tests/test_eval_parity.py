@@ -9,7 +9,7 @@ import pytest
 from openllama.eval.backend import OpenLlamaLM
 from openllama.eval.run import TASK_PACK
 from openllama.train.checkpoint import save_model
-from openllama.train.hf import export_hf
+from openllama.train.convert.hf import export_hf
 from openllama.train.model import LlamaConfig, init_params
 
 MULTIPLE_CHOICE = ["local_arc", "local_hellaswag", "local_piqa", "local_boolq"]

@@ -12,7 +12,7 @@ import sentencepiece as spm
 
 from openllama.cli import main as cli
 from openllama.train.checkpoint import save_model
-from openllama.train.generate import TextStream, generate, unescape
+from openllama.eval.decode import TextStream, generate, unescape
 from openllama.train.model import Llama, LlamaConfig, init_params
 
 TINY = LlamaConfig.preset("tiny")

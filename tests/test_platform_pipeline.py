@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from openllama import pipeline, services
+from openllama import files, pipeline, services
 
 
 def copy_stage(tmp_path: Path) -> pipeline.Stage:
@@ -74,7 +74,7 @@ def test_an_interrupted_stage_is_run_again_without_clearing_its_outputs(runner, 
     partial.parent.mkdir(parents=True)
     partial.write_text("work done before the crash")
     ledger = {"stage": "copy", **pipeline.stage_identity(stage, "code-v1"), "status": "running"}
-    services.write_json(tmp_path / "out" / "ledger" / "copy.json", ledger)
+    files.write_json(tmp_path / "out" / "ledger" / "copy.json", ledger)
     entry = runner.run(stage)
     assert entry["status"] == "done" and runs(tmp_path) == 1
     assert partial.exists()

@@ -489,7 +489,7 @@ def finish_tracking_run(config: TrainConfig, run_id: str | None, succeeded: bool
 
 def export_hf(checkpoint: Path, out: Path) -> Path:
     """The final model in Hugging Face format, replacing an older export of this run."""
-    from openllama.train.hf import export_hf as exporter
+    from openllama.train.convert.hf import export_hf as exporter
 
     if out.exists():
         shutil.rmtree(out)

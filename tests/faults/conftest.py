@@ -2,7 +2,7 @@
 
 Every test here injects a fault from outside (SIGKILL, a stopped server, flipped bytes, a full disk, bad
 input) and fills one row of the report: fault, what happened, data lost, time to recover. Rows go to the
-JSON-lines file named by OPENLLAMA_FAULT_REPORT when it is set (see openllama.faults).
+JSON-lines file named by OPENLLAMA_FAULT_REPORT when it is set (see tests/harness.py).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from openllama import faults
+import harness as faults
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "data" / "sample" / "redpajama"

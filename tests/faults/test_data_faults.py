@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from openllama import faults
+import harness as faults
 
 pytestmark = pytest.mark.faults
 

@@ -14,7 +14,7 @@ import pytest
 import sentencepiece as spm
 import zstandard
 
-from openllama import faults
+import harness as faults
 
 pytestmark = pytest.mark.faults
 

@@ -15,7 +15,7 @@ import numpy as np
 import psutil
 import pytest
 
-from openllama import faults
+import harness as faults
 
 pytestmark = pytest.mark.faults
 

@@ -25,7 +25,7 @@ from flax.serialization import msgpack_restore
 from tqdm import tqdm
 
 from openllama.train import checkpoint
-from openllama.train.hf import ConversionError, check_params, expected_shapes, set_path, unify_dtype
+from openllama.train.convert.hf import ConversionError, check_params, expected_shapes, set_path, unify_dtype
 from openllama.train.model import PRESETS, LlamaConfig
 
 LOAD_TYPES = {"params": 1, "trainstate_params": 2, "trainstate": 2}  # how many "params" levels lead

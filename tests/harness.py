@@ -3,7 +3,9 @@
 The fault tests (tests/faults/) start real commands in process groups of their own, wait for a moment
 worth breaking (a unit ledger written, a checkpoint half-saved), and then break it: SIGKILL the group,
 stop a server, fill the disk. Each test appends one JSON line to the file named by OPENLLAMA_FAULT_REPORT;
-`python -m openllama.faults FILE` renders those lines as the table in docs/reliability.md.
+`python tests/harness.py FILE` renders those lines as the table in docs/reliability.md. This is test
+code: nothing in the product injects faults; the tests do it from outside, or through the training loop's
+hooks and monkeypatching.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import argparse
 import ipaddress
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+
+from openllama.processes import stop_group
 
 REPORT_ENV = "OPENLLAMA_FAULT_REPORT"
 # Subprocesses of the fault tests: no hub downloads, no telemetry, unbuffered output.
@@ -52,25 +55,9 @@ def run(command: list[str], env: dict[str, str], timeout: float = 300,
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
-def group_alive(pgid: int) -> bool:
-    for pid in psutil.pids():
-        try:
-            if os.getpgid(pid) == pgid and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                return True
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return False
-
-
 def kill_group(proc: subprocess.Popen, timeout: float = 30) -> None:
     """SIGKILL a process started by `start` and every process it started, and wait until they are gone."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and group_alive(proc.pid):
-        time.sleep(0.1)
+    stop_group(proc.pid, grace_s=0, wait_s=timeout)
     proc.wait(timeout=timeout)
 
 
@@ -151,7 +138,7 @@ def render(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m openllama.faults",
+    parser = argparse.ArgumentParser(prog="python tests/harness.py",
                                      description="Print the fault-injection report `make faults` collected.")
     parser.add_argument("report", help=f"JSON-lines file the fault tests wrote (env {REPORT_ENV})")
     args = parser.parse_args(argv)

@@ -1,0 +1,149 @@
+"""Files every stage writes: published whole or not at all, and checksummed the same way everywhere.
+
+A reader must never see half a file or half a folder, whatever moment a crash picks. A local file or
+folder is written under a temporary name beside its target and renamed into place (a rename is atomic
+on one filesystem). An object store has no rename, but an object appears only when its upload
+completes, so there the bytes go straight to the target.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+CHUNK_BYTES = 1 << 20
+
+
+def is_uri(path: str | Path) -> bool:
+    """Whether `path` names a location on some filesystem other than the local one by a scheme (gs://, s3://)."""
+    return "://" in str(path)
+
+
+def filesystem(path: str | Path) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path on it) for a local path or any URI pyarrow understands (gs://, s3://, file://)."""
+    if is_uri(path):
+        return pafs.FileSystem.from_uri(str(path))
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def temporary_name(target: Path) -> Path:
+    """A unique hidden sibling of `target`; crashed writers leave these, never a half-written target."""
+    return target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def write_bytes(target: str | Path, data: bytes) -> None:
+    """Publish `data` at `target` (a local path or a URI) whole, replacing what was there."""
+    fs, path = filesystem(target)
+    if isinstance(fs, pafs.LocalFileSystem):
+        local = Path(path)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        temporary = temporary_name(local)
+        try:
+            temporary.write_bytes(data)
+            os.replace(temporary, local)
+        finally:
+            temporary.unlink(missing_ok=True)
+        return
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write(data)
+
+
+@contextmanager
+def open_output(target: str | Path) -> Iterator[Any]:
+    """A writable stream whose bytes appear at `target` (local path or URI) only when the block succeeds."""
+    fs, path = filesystem(target)
+    if isinstance(fs, pafs.LocalFileSystem):
+        local = Path(path)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        temporary = temporary_name(local)
+        try:
+            with fs.open_output_stream(str(temporary)) as stream:
+                yield stream
+            os.replace(temporary, local)
+        finally:
+            temporary.unlink(missing_ok=True)
+        return
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as stream:
+        yield stream
+
+
+def write_text(target: str | Path, text: str) -> None:
+    write_bytes(target, text.encode("utf-8"))
+
+
+def write_json(target: str | Path, value: Any) -> None:
+    """`value` as indented JSON with sorted keys (stable bytes for the same value), published whole."""
+    write_text(target, json.dumps(value, indent=2, sort_keys=True))
+
+
+def read_bytes(source: str | Path) -> bytes:
+    fs, path = filesystem(source)
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def read_json(source: str | Path) -> Any:
+    return json.loads(read_bytes(source))
+
+
+def copy_file(source: str | Path, target: str | Path) -> None:
+    write_bytes(target, read_bytes(source))
+
+
+@contextmanager
+def new_directory(target: str | Path, replace: bool = False) -> Iterator[Path]:
+    """A local folder filled inside the block and renamed to `target` when the block succeeds.
+
+    On an error the temporary folder is removed and `target` is untouched. An existing non-empty
+    `target` is an error unless `replace`, when it is swapped out whole after the new one is complete.
+    """
+    target = Path(target).absolute()
+    if target.exists() and any(target.iterdir()) and not replace:
+        raise FileExistsError(f"{target} exists and is not empty; choose a new path or remove it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = temporary_name(target)
+    temporary.mkdir()
+    try:
+        yield temporary
+        if target.exists():
+            old = temporary_name(target)
+            target.rename(old)
+            temporary.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            temporary.rename(target)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def remove_temporaries(folder: Path, pattern: str = ".*.tmp-*") -> list[Path]:
+    """Remove what crashed writers left in `folder`; returns what was removed."""
+    removed = []
+    for path in folder.glob(pattern) if folder.is_dir() else []:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def sha256_of(source: str | Path) -> str:
+    """The sha256 of a file, local or on a bucket, read in chunks (a shard can be hundreds of MB)."""
+    fs, path = filesystem(source)
+    digest = hashlib.sha256()
+    with fs.open_input_stream(path) as stream:
+        while chunk := stream.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
