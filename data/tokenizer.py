@@ -21,6 +21,7 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from openllama import ray_jobs
+from openllama.commands import BadInput
 from openllama.data import mixture, redpajama
 
 log = logging.getLogger(__name__)
@@ -183,3 +184,26 @@ def main(argv: list[str]) -> int:
         return 2
     print(path)
     return 0
+
+
+def load_for_model(path: str | Path, vocab_size: int, bos_id: int, eos_id: int) -> spm.SentencePieceProcessor:
+    """The SentencePiece model at `path`, checked to fit a model with these ids: the one vocabulary check.
+
+    A tokenizer may have fewer pieces than the model's vocabulary (embeddings padded to a round size),
+    never more, and its BOS/EOS must be the ids the model was trained with.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer {path} does not exist; pass --tokenizer PATH/tokenizer.model")
+    tokenizer = spm.SentencePieceProcessor(model_file=str(path))
+    if tokenizer.get_piece_size() > vocab_size:
+        raise BadInput(
+            f"tokenizer {path} has {tokenizer.get_piece_size()} pieces but the model's vocab_size is "
+            f"{vocab_size}: it is not the tokenizer this model was trained with (pass the right one with --tokenizer)"
+        )
+    if (tokenizer.bos_id(), tokenizer.eos_id()) != (bos_id, eos_id):
+        raise BadInput(
+            f"tokenizer {path} has bos/eos ids {tokenizer.bos_id()}/{tokenizer.eos_id()} but the model "
+            f"expects {bos_id}/{eos_id} (pass the right one with --tokenizer)"
+        )
+    return tokenizer
