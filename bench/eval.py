@@ -15,6 +15,7 @@ module names could shadow the standard library's.)
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sysconfig
 import tempfile
@@ -29,8 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 def tokenizer_documents() -> list[str]:
     """Text to train the bench tokenizer on: the sample corpus if present, else the stdlib's sources."""
-    import json
-
     docs = [
         json.loads(line)["text"]
         for path in sorted((REPO / "data" / "sample" / "redpajama").rglob("*.jsonl"))
@@ -46,7 +45,7 @@ def tokenizer_documents() -> list[str]:
 def pack_requests(shots: int) -> list:
     """Loglikelihood requests of the local pack's multiple-choice tasks at 0, 1, ..., shots-1 few-shot
     examples: distinct requests (no two alike), with contexts of growing length as in few-shot evals."""
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # here rather than at the top, so --help answers at once
 
     from openllama.eval.run import TASK_PACK
 
@@ -82,6 +81,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8, help="hidden 768, vocab 32000: 8 layers is ~100M")
     args = parser.parse_args()
 
+    # imported after the flags are read, so --help answers at once (torch, jax and lm-eval take seconds)
     import numpy as np
     import torch
     from lm_eval.models.huggingface import HFLM

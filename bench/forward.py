@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: it reads this at import
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -22,8 +22,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
-from openllama.train.checkpoint import save_model  # noqa: E402
 from openllama.eval.decode import generate  # noqa: E402
+from openllama.train.checkpoint import save_model  # noqa: E402
 from openllama.train.convert.hf import export_hf  # noqa: E402
 from openllama.train.model import Llama, LlamaConfig, init_params  # noqa: E402
 

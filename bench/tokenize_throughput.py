@@ -16,13 +16,17 @@ import argparse
 import json
 import os
 import random
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import psutil
+import sentencepiece as spm
+
+from openllama import ray_jobs
+from openllama.data.tokenize import tokenize_dataset
+from openllama.data.tokenizer import train_sentencepiece
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample" / "redpajama"
@@ -91,8 +95,6 @@ class PeakRss:
 
 
 def run_ours(files: list[str], tokenizer: str, out: Path) -> tuple[float, int, PeakRss]:
-    from openllama.data.tokenize import tokenize_dataset
-
     with PeakRss() as peak:
         start = time.perf_counter()
         manifest = tokenize_dataset(files, tokenizer, str(out), seq_len=2048, track=False)
@@ -103,8 +105,7 @@ def run_ours(files: list[str], tokenizer: str, out: Path) -> tuple[float, int, P
 def run_datasets(files: list[str], tokenizer: str, out: Path, cores: int) -> tuple[float, int]:
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ["HF_HUB_OFFLINE"] = "1"
-    import datasets
-    import sentencepiece as spm
+    import datasets  # after the offline switches, which `datasets` reads when imported
 
     datasets.disable_progress_bars()
 
@@ -126,8 +127,6 @@ def run_datasets(files: list[str], tokenizer: str, out: Path, cores: int) -> tup
 
 
 def run_raw(files: list[str], tokenizer: str, cores: int) -> tuple[float, int]:
-    import sentencepiece as spm
-
     texts = [json.loads(line)["text"] for path in files for line in open(path, encoding="utf-8")]
     processor = spm.SentencePieceProcessor(model_file=tokenizer)
     start = time.perf_counter()
@@ -141,12 +140,7 @@ def main() -> int:
     parser.add_argument("--megabytes", type=int, default=50)
     parser.add_argument("--vocab-size", type=int, default=8000)
     args = parser.parse_args()
-    # run as a script, this file's folder comes first on sys.path and its name hides the stdlib's `tokenize`
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
     cores = os.cpu_count() or 1
-    from openllama import ray_jobs
-    from openllama.data.tokenizer import train_sentencepiece
-
     with tempfile.TemporaryDirectory(prefix="bench-tokenize-") as tmp:
         tmp = Path(tmp)
         texts = [json.loads(line)["text"] for path in sorted(SAMPLE.glob("*.jsonl")) for line in open(path)]

@@ -6,6 +6,8 @@ seen several times while common_crawl is seen about once; `epochs` makes that vi
 
 from __future__ import annotations
 
+from openllama.commands import BadInput
+
 LLAMA_WEIGHTS: dict[str, float] = {
     "common_crawl": 0.67,
     "c4": 0.15,
@@ -33,10 +35,10 @@ def normalize(weights: dict[str, float], subsets: list[str] | None = None) -> di
     chosen = {s: float(w) for s, w in weights.items() if subsets is None or s in subsets}
     for subset, weight in chosen.items():
         if weight < 0:
-            raise ValueError(f"mixture weight for {subset!r} is {weight}; weights must be >= 0")
+            raise BadInput(f"mixture weight for {subset!r} is {weight}; weights must be >= 0")
     total = sum(chosen.values())
     if total <= 0:
-        raise ValueError(f"mixture weights {chosen} sum to {total}; at least one present subset needs weight > 0")
+        raise BadInput(f"mixture weights {chosen} sum to {total}; at least one present subset needs weight > 0")
     return {s: w / total for s, w in chosen.items()}
 
 
@@ -48,7 +50,7 @@ def parse_weights(text: str) -> dict[str, float]:
         try:
             weights[name.strip()] = float(value)
         except ValueError:
-            raise ValueError(f"--weights item {item!r} is not SUBSET=NUMBER") from None
+            raise BadInput(f"--weights item {item!r} is not SUBSET=NUMBER") from None
     return weights
 
 
@@ -58,7 +60,7 @@ def epochs(token_budget: int, subset_tokens: dict[str, int],
     shares = normalize(weights, list(subset_tokens))
     missing = [s for s in shares if subset_tokens.get(s, 0) <= 0 and shares[s] > 0]
     if missing:
-        raise ValueError(f"subsets {missing} have weight but no tokens; drop them from the weights")
+        raise BadInput(f"subsets {missing} have weight but no tokens; drop them from the weights")
     return {s: token_budget * shares[s] / subset_tokens[s] for s in shares}
 
 

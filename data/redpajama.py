@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import fsspec
 import zstandard
 
+from openllama.commands import BadInput
+
 SUBSETS = ("arxiv", "book", "c4", "common_crawl", "github", "stackexchange", "wikipedia")
 REJECTION_REASONS = (
     "not_json", "not_object", "no_text", "text_not_string", "empty_text", "invalid_utf8", "too_large", "truncated",
@@ -64,7 +66,7 @@ def subset_of(path: str) -> str:
     for folder in reversed(path.split("/")[:-1]):
         if folder.lower() in _FOLDER_NAMES:
             return _FOLDER_NAMES[folder.lower()]
-    raise ValueError(
+    raise BadInput(
         f"{path}: cannot tell which RedPajama subset this file is; name it like the 1T-Sample layout "
         f"(<subset>_sample.jsonl, cc_<dump>_sample.jsonl) or put it under a folder named one of {', '.join(SUBSETS)}"
     )

@@ -1,25 +1,38 @@
-"""Reader for packed token shards (format `openllama-packed-v1`), the contract between data and training.
+"""Packed token shards (format `openllama-packed-v1`), written and read here: the contract between data and training.
 
-A dataset directory holds `manifest.json` and parquet shards with one column `tokens`: each row is exactly
-`seq_len + 1` token ids, and row r+1 starts with row r's last token, so inputs are `row[:-1]` and targets
-`row[1:]`. Training samples rows by index, so the reader maps a subset-wide row index to (shard, row).
+A dataset directory holds `manifest.json` and parquet shards under `<split>/<subset>/`, with one column
+`tokens`. Each row is exactly `seq_len + 1` token ids, and row r+1 starts with row r's last token, so inputs
+are `row[:-1]` and targets `row[1:]`, and every token of a stream after its first is a target exactly once
+(no padding). A stream is the documents (each `BOS + ids + EOS`) of one (split, subset); rows never mix streams.
+
+The manifest lists every shard with its split, subset, rows, tokens (rows x seq_len, the targets), documents
+(BOS tokens among the inputs) and sha256; a reader refuses a manifest whose `finished` is not true.
+Training samples rows by index, so the reader maps a subset-wide row index to (shard, row).
+
+Writers publish every file whole (`openllama.files`): a crashed writer leaves only a temporary, which no
+manifest names, so it is never taken for a shard.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
-import os
+import io
 from collections import OrderedDict
+from types import TracebackType
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from openllama import files
+from openllama.commands import BadInput
+
 FORMAT = "openllama-packed-v1"
+SPLITS = ("train", "validation")
 MAX_CACHED_SHARDS = 32
+TAILS = "units/{unit_id}.tails.npz"  # a unit's leftover tokens per split, packed by `pack_tails`
 
 
 class DatasetNotFinished(Exception):
@@ -30,16 +43,131 @@ class ShardCorrupted(Exception):
     """A shard's bytes or shape do not match what the manifest recorded."""
 
 
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local path or any URI pyarrow understands (gs://, s3://, file://)."""
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
+# --- writing ------------------------------------------------------------------------------------------
 
 
-def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
-    with fs.open_input_stream(path) as f:
-        return f.read()
+class Packer:
+    """Cuts a token stream into rows by the packing contract (module docstring), across any number of `add`s."""
+
+    def __init__(self, seq_len: int):
+        self.seq_len = seq_len
+        self.pending = np.zeros(0, dtype=np.int32)
+        self.made_rows = False
+
+    def add(self, tokens: np.ndarray) -> np.ndarray:
+        """Append tokens; return the complete rows now available as int32 [n, seq_len + 1]."""
+        stream = np.concatenate([self.pending, tokens.astype(np.int32, copy=False)])
+        n = max(0, (len(stream) - 1) // self.seq_len)
+        L = self.seq_len
+        rows = np.empty((n, L + 1), dtype=np.int32)
+        rows[:, :L] = stream[: n * L].reshape(n, L)
+        rows[:, L] = stream[L : n * L + 1 : L]
+        self.pending = stream[n * L :]
+        self.made_rows |= n > 0
+        return rows
+
+
+class ShardWriter:
+    """Rows of one (split, subset) as parquet shards of at most `shard_rows` rows under dataset `root`.
+
+    Each shard is streamed to a temporary and published whole when full or at `close()`; `written` holds the
+    manifest entries of the published ones. Used as a context manager, an error discards the open shard.
+    """
+
+    def __init__(self, root: str, prefix: str, split: str, subset: str, seq_len: int, shard_rows: int,
+                 bos_id: int):
+        self.root, self.prefix, self.split, self.subset = root.rstrip("/"), prefix, split, subset
+        self.seq_len, self.shard_rows, self.bos_id = seq_len, shard_rows, bos_id
+        self.written: list[dict] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._output = contextlib.ExitStack()  # holds the open `files.open_output` of the current shard
+        self._relative = ""
+        self._rows = self._documents = 0
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        if error is None:
+            self.close()
+        elif self._writer is not None:
+            with contextlib.suppress(Exception):  # its footer goes to a temporary about to be removed
+                self._writer.close()
+            self._writer = None
+            self._output.__exit__(kind, error, trace)  # the temporary is removed, nothing is published
+
+    def add(self, rows: np.ndarray) -> None:
+        while len(rows):
+            if self._writer is None:
+                self._start_shard()
+            take = rows[: self.shard_rows - self._rows]
+            flat = pa.array(take.reshape(-1), type=pa.int32())
+            tokens = pa.FixedSizeListArray.from_arrays(flat, self.seq_len + 1)
+            self._writer.write_table(pa.table({"tokens": tokens}))
+            self._rows += len(take)
+            self._documents += int((take[:, :-1] == self.bos_id).sum())  # inputs of rows never overlap
+            rows = rows[len(take) :]
+            if self._rows == self.shard_rows:
+                self.close()
+
+    def _start_shard(self) -> None:
+        self._relative = f"{self.split}/{self.subset}/{self.prefix}{len(self.written):05d}.parquet"
+        stream = self._output.enter_context(files.open_output(f"{self.root}/{self._relative}"))
+        schema = pa.schema([("tokens", pa.list_(pa.int32(), self.seq_len + 1))])
+        self._writer = pq.ParquetWriter(stream, schema, compression="zstd")
+        self._rows = self._documents = 0
+
+    def close(self) -> None:
+        """Publish the open shard, if any, and record its manifest entry."""
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._writer = None
+        self._output.close()  # publishes the shard under its name
+        target = f"{self.root}/{self._relative}"
+        self.written.append({
+            "path": self._relative, "split": self.split, "subset": self.subset, "rows": self._rows,
+            "tokens": self._rows * self.seq_len, "documents": self._documents, "sha256": files.sha256_of(target),
+        })
+
+
+def write_tails(root: str, unit_id: str, pending: dict[str, np.ndarray]) -> None:
+    """Save what a unit's packers could not fill a row with, per split, for `pack_tails` to pack later."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **{split: pending[split] for split in SPLITS})
+    files.write_bytes(f"{root.rstrip('/')}/{TAILS.format(unit_id=unit_id)}", buffer.getvalue())
+
+
+def pack_tails(root: str, units: list[dict], seq_len: int, bos_id: int) -> tuple[list[dict], dict[str, int]]:
+    """Pack the leftovers of all units into one tail shard per (split, subset), in unit order.
+
+    `units` are ledger entries (`unit_id`, `subset`, `made_rows` per split). Returns the shard entries and
+    the tokens dropped per "split/subset" (the final partial row, which cannot be packed).
+    """
+    shards, dropped = [], {}
+    subsets = sorted({u["subset"] for u in units})
+    for split in SPLITS:
+        for subset in subsets:
+            packer = Packer(seq_len)
+            with ShardWriter(root, "tail-", split, subset, seq_len, 1 << 62, bos_id) as writer:
+                first = True
+                for unit in sorted((u for u in units if u["subset"] == subset), key=lambda u: u["unit_id"]):
+                    path = f"{root.rstrip('/')}/{TAILS.format(unit_id=unit['unit_id'])}"
+                    with np.load(io.BytesIO(files.read_bytes(path))) as tails:
+                        tail = tails[split]
+                    # a unit's leftover starts with the last token of its last row, already a target: skip it
+                    if not first and unit["made_rows"][split]:
+                        tail = tail[1:]
+                    if len(tail):
+                        writer.add(packer.add(tail))
+                        first = False
+            shards += writer.written
+            dropped[f"{split}/{subset}"] = max(0, len(packer.pending) - 1)
+    return shards, dropped
+
+
+# --- reading ------------------------------------------------------------------------------------------
 
 
 def tokens_to_numpy(column: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
@@ -58,7 +186,6 @@ class PackedDataset:
         self.root = root.rstrip("/")
         self.manifest = manifest
         self.split = split
-        self._fs, self._base = filesystem(self.root)
         self._shards: dict[str, list[dict]] = {}
         for shard in manifest["shards"]:
             if shard["split"] == split:
@@ -70,17 +197,15 @@ class PackedDataset:
 
     @classmethod
     def open(cls, root: str, split: str = "train") -> PackedDataset:
-        fs, base = filesystem(str(root))
-        manifest_path = f"{base.rstrip('/')}/manifest.json"
+        manifest_path = f"{str(root).rstrip('/')}/manifest.json"
         try:
-            with fs.open_input_stream(manifest_path) as f:
-                manifest = json.loads(f.read())
+            manifest = files.read_json(manifest_path)
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"{root}: no manifest.json; build the dataset with `openllama data tokenize ... --out {root}`"
             ) from None
         if manifest.get("format") != FORMAT:
-            raise ValueError(f"{manifest_path}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
+            raise BadInput(f"{manifest_path}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
         if manifest.get("finished") is not True:
             raise DatasetNotFinished(
                 f"{root}: manifest.json has finished={manifest.get('finished')!r}; the tokenize run did not "
@@ -88,7 +213,7 @@ class PackedDataset:
             )
         splits = {s["split"] for s in manifest["shards"]}
         if split not in splits:
-            raise ValueError(f"{root}: no shards for split {split!r} (has: {sorted(splits)})")
+            raise BadInput(f"{root}: no shards for split {split!r} (has: {sorted(splits)})")
         return cls(str(root), manifest, split)
 
     @property
@@ -123,7 +248,7 @@ class PackedDataset:
         """Check every shard of this split against its recorded checksum; raises ShardCorrupted."""
         for subset in self.subsets:
             for shard in self._shards[subset]:
-                self._check(shard, read_bytes(self._fs, self._path(shard)))
+                self._check(shard, files.sha256_of(self._location(shard)))
 
     def _shards_of(self, subset: str) -> list[dict]:
         if subset not in self._shards:
@@ -134,11 +259,10 @@ class PackedDataset:
         self._shards_of(subset)
         return self._starts[subset]
 
-    def _path(self, shard: dict) -> str:
-        return f"{self._base.rstrip('/')}/{shard['path']}"
+    def _location(self, shard: dict) -> str:
+        return f"{self.root}/{shard['path']}"
 
-    def _check(self, shard: dict, data: bytes) -> None:
-        digest = hashlib.sha256(data).hexdigest()
+    def _check(self, shard: dict, digest: str) -> None:
         if digest != shard["sha256"]:
             raise ShardCorrupted(
                 f"{self.root}/{shard['path']}: sha256 {digest[:12]}... does not match the manifest's "
@@ -151,9 +275,9 @@ class PackedDataset:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        data = read_bytes(self._fs, self._path(shard))
+        data = files.read_bytes(self._location(shard))
         if key not in self._verified:
-            self._check(shard, data)
+            self._check(shard, hashlib.sha256(data).hexdigest())
         try:
             table = pq.read_table(pa.BufferReader(data), columns=["tokens"])
             rows = tokens_to_numpy(table.column("tokens"), self.seq_len + 1)

@@ -1,4 +1,4 @@
-"""LLaMA's SentencePiece tokenizer, trained on our corpus with LLaMA's settings.
+"""LLaMA's SentencePiece tokenizer, trained on our corpus with LLaMA's settings, and its exact tokenizer.json.
 
 Newlines and runs of spaces must survive (OpenLLaMA restarted training over a tokenizer that lost them),
 so normalization is identity, extra whitespace is kept and documents are fed whole, not line by line.
@@ -7,27 +7,32 @@ so normalization is identity, extra whitespace is kept and documents are fed who
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import heapq
 import json
 import logging
-import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
+from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
+from tokenizers.models import BPE
 from tqdm import tqdm
 
-from openllama import ray_jobs
+from openllama import commands, files, ray_jobs
 from openllama.commands import BadInput
+from openllama.config import ConfigError, add_config_arguments, from_arguments
 from openllama.data import mixture, redpajama
 
 log = logging.getLogger(__name__)
 
 MAX_SENTENCE_BYTES = 16384
-DEFAULT_SAMPLE_DOCS = 100_000
+BYTE_FALLBACK_PIECES = 256 + 3  # one piece per byte, plus unk, bos and eos
 
 LLAMA_SETTINGS = {
     "model_type": "bpe",
@@ -48,6 +53,31 @@ LLAMA_SETTINGS = {
     "split_by_number": True,
     "max_sentence_length": MAX_SENTENCE_BYTES,
 }
+
+
+@dataclasses.dataclass
+class TokenizerTrainConfig:
+    """Everything `openllama tokenizer train` runs with."""
+
+    inputs: list[str]  # RedPajama folders, files or globs (local or URI)
+    out: str  # folder for tokenizer.model and tokenizer_settings.json
+    vocab_size: int = 32000
+    sample_docs: int = 100_000  # documents to train on, split across subsets by weight
+    seed: int = 0
+    weights: dict[str, float] | None = None  # subset -> mixture weight; None: LLaMA's
+
+    def __post_init__(self) -> None:
+        if self.vocab_size <= BYTE_FALLBACK_PIECES:
+            raise ConfigError(f"vocab_size={self.vocab_size} must be > {BYTE_FALLBACK_PIECES} "
+                              "(byte fallback alone takes 256 pieces, plus unk, bos and eos)")
+        if self.sample_docs < 1:
+            raise ConfigError(f"sample_docs={self.sample_docs} must be >= 1")
+        for subset, weight in (self.weights or {}).items():
+            if weight < 0:
+                raise ConfigError(f"weights.{subset}={weight} must be >= 0")
+
+
+DEFAULT_SAMPLE_DOCS = TokenizerTrainConfig.sample_docs
 
 
 def _chunks(documents: Iterable[str]) -> Iterable[str]:
@@ -81,7 +111,7 @@ def train_sentencepiece(documents: Iterable[str], out_dir: str | Path, vocab_siz
         **settings,
     )
     (out_dir / "tokenizer.vocab").unlink(missing_ok=True)
-    (out_dir / "tokenizer_settings.json").write_text(json.dumps(settings, indent=2, sort_keys=True))
+    files.write_json(out_dir / "tokenizer_settings.json", settings)
     return out_dir / "tokenizer.model"
 
 
@@ -111,14 +141,14 @@ def sample_documents(inputs: list[str], sample_docs: int, seed: int = 0,
     Each subset gets `sample_docs * weight` documents: those with the smallest seeded hash of their text,
     so the sample depends only on the corpus and the seed. Returns the documents and the count per subset.
     """
-    import ray
-
-    files = redpajama.expand_inputs([str(i) for i in inputs])
-    present = sorted({redpajama.subset_of(f) for f in files})
+    paths = redpajama.expand_inputs([str(i) for i in inputs])
+    present = sorted({redpajama.subset_of(f) for f in paths})
     shares = mixture.normalize(weights or mixture.LLAMA_WEIGHTS, present)
     quota = {s: max(1, round(sample_docs * w)) for s, w in shares.items() if w > 0}
-    units = [{"path": f, "subset": redpajama.subset_of(f)} for f in files if redpajama.subset_of(f) in quota]
+    units = [{"path": f, "subset": redpajama.subset_of(f)} for f in paths if redpajama.subset_of(f) in quota]
     ray_jobs.connect(log_to_driver=False, configure_logging=False)
+    import ray  # after ray_jobs.connect, which sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER before ray's first import
+
     ray.data.DataContext.get_current().enable_progress_bars = False
     dataset = ray.data.from_items(units, override_num_blocks=max(1, len(units))).flat_map(
         lambda unit: [{"subset": unit["subset"], **doc}
@@ -140,50 +170,60 @@ def train_tokenizer(inputs: list[str], out_dir: str | Path, vocab_size: int = 32
                     sample_docs: int = DEFAULT_SAMPLE_DOCS, seed: int = 0,
                     weights: dict[str, float] | None = None) -> Path:
     """Sample RedPajama by mixture weight and train LLaMA's tokenizer; reuses a finished identical run."""
-    out_dir = Path(out_dir)
-    request = {"inputs": redpajama.expand_inputs([str(i) for i in inputs]), "vocab_size": vocab_size,
-               "sample_docs": sample_docs, "seed": seed, "weights": weights}
+    return build_tokenizer(TokenizerTrainConfig(inputs=[str(i) for i in inputs], out=str(out_dir),
+                                                vocab_size=vocab_size, sample_docs=sample_docs, seed=seed,
+                                                weights=weights))
+
+
+def build_tokenizer(config: TokenizerTrainConfig) -> Path:
+    """`train_tokenizer` from a config: the model is published first, its settings last, each whole."""
+    out_dir = Path(config.out)
+    request = {"inputs": redpajama.expand_inputs(config.inputs), "vocab_size": config.vocab_size,
+               "sample_docs": config.sample_docs, "seed": config.seed, "weights": config.weights}
     settings_path, model_path = out_dir / "tokenizer_settings.json", out_dir / "tokenizer.model"
     if settings_path.exists() and model_path.exists():
-        if json.loads(settings_path.read_text()).get("request") == request:
+        if files.read_json(settings_path).get("request") == request:
             log.info("%s already holds this tokenizer; reusing it", model_path)
             return model_path
-    documents, counts = sample_documents(inputs, sample_docs, seed, weights)
+    documents, counts = sample_documents(config.inputs, config.sample_docs, config.seed, config.weights)
     log.info("training on %d documents: %s", len(documents), counts)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent if out_dir.parent.exists() else None) as tmp:
-        train_sentencepiece(documents, tmp, vocab_size=vocab_size, seed=seed)
-        settings = json.loads((Path(tmp) / "tokenizer_settings.json").read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        train_sentencepiece(documents, tmp, vocab_size=config.vocab_size, seed=config.seed)
+        settings = files.read_json(Path(tmp) / "tokenizer_settings.json")
         settings.update(request=request, sampled_documents=counts)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        os.replace(Path(tmp) / "tokenizer.model", model_path)
-        temporary = settings_path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(settings, indent=2, sort_keys=True))
-        os.replace(temporary, settings_path)  # written last: its presence means the model beside it is complete
+        files.copy_file(Path(tmp) / "tokenizer.model", model_path)
+        files.write_json(settings_path, settings)  # written last: its presence means the model beside it is complete
     return model_path
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="openllama tokenizer", description="Train LLaMA's SentencePiece tokenizer.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="sample RedPajama by mixture weight and train a tokenizer")
-    train.add_argument("inputs", nargs="+", metavar="INPUT", help="RedPajama folders, files or globs")
-    train.add_argument("--out", required=True, help="folder for tokenizer.model and tokenizer_settings.json")
-    train.add_argument("--vocab-size", type=int, default=32000)
-    train.add_argument("--sample-docs", type=int, default=DEFAULT_SAMPLE_DOCS,
-                       help="documents to train on, split across subsets by weight")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--weights", type=mixture.parse_weights, default=None,
+    defaults = TokenizerTrainConfig
+    parser = argparse.ArgumentParser(prog="openllama tokenizer", description="Train LLaMA's SentencePiece tokenizer.",
+                                     epilog=commands.EXIT_CODES)
+    verbs = parser.add_subparsers(dest="command", required=True)
+    train = verbs.add_parser(
+        "train", help="sample RedPajama by mixture weight and train a tokenizer", epilog=commands.EXIT_CODES,
+        description="Sample RedPajama by mixture weight (on Ray Data) and train a SentencePiece tokenizer with "
+                    "LLaMA's settings. A rerun with the same inputs and settings reuses the finished one.")
+    train.add_argument("inputs", nargs="*", metavar="INPUT", help="RedPajama folders, files or globs")
+    train.add_argument("--out", help="folder for tokenizer.model and tokenizer_settings.json (required)")
+    train.add_argument("--vocab-size", type=int, help=f"pieces in the vocabulary (default: {defaults.vocab_size})")
+    train.add_argument("--sample-docs", type=int,
+                       help=f"documents to train on, split across subsets by weight (default: {defaults.sample_docs})")
+    train.add_argument("--seed", type=int,
+                       help=f"seed of the document sample and of training (default: {defaults.seed})")
+    train.add_argument("--weights", type=mixture.parse_weights,
                        help="mixture weights like common_crawl=0.67,c4=0.15 (default: LLaMA's)")
+    add_config_arguments(train)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        path = train_tokenizer(args.inputs, args.out, vocab_size=args.vocab_size, sample_docs=args.sample_docs,
-                               seed=args.seed, weights=args.weights)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"openllama tokenizer train: {err}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
+    args.inputs = args.inputs or None  # none on the command line: from --config or --set
+
+    def work() -> None:
+        settings = from_arguments(TokenizerTrainConfig, args)
+        commands.quiet_libraries()
+        print(build_tokenizer(settings))
+
+    return commands.run("openllama tokenizer train", work)
 
 
 def load_for_model(path: str | Path, vocab_size: int, bos_id: int, eos_id: int) -> spm.SentencePieceProcessor:
@@ -207,3 +247,76 @@ def load_for_model(path: str | Path, vocab_size: int, bos_id: int, eos_id: int) 
             f"expects {bos_id}/{eos_id} (pass the right one with --tokenizer)"
         )
     return tokenizer
+
+
+# --- tokenizer.json, for Hugging Face ----------------------------------------------------------------
+# Built here from the SentencePiece model rather than left to transformers' conversion, which drops
+# SentencePiece's dummy-prefix space when a text starts with a space (" a" -> "▁a" instead of "▁▁a");
+# see docs/model.md.
+
+
+def sentencepiece_tokenizer_json(sp_model: str | Path) -> Tokenizer:
+    """A `tokenizers.Tokenizer` that encodes and decodes exactly like the SentencePiece BPE model.
+
+    SentencePiece prepends one "▁" (dummy prefix) to every text, even one that starts with a space, then
+    turns spaces into "▁" and merges symbol pairs by the score of the merged piece. Prepend + Replace
+    normalizers do the first part without Metaspace's skip-if-already-"▁" rule; BPE merges ranked by
+    the merged piece's score do the second.
+    """
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(sp_model).read_bytes())
+    if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
+        raise BadInput(f"{sp_model}: only SentencePiece BPE models (LLaMA's kind) can be exported")
+    spec = proto.normalizer_spec
+    if spec.precompiled_charsmap or spec.remove_extra_whitespaces or not spec.add_dummy_prefix:
+        raise BadInput(
+            f"{sp_model}: normalizer_spec must be LLaMA's (identity, keep whitespace, dummy prefix)"
+        )
+    vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    normal = {p.piece: (p.score, i) for i, p in enumerate(proto.pieces) if p.type == p.NORMAL}
+    ranked = []
+    for piece, (score, piece_id) in normal.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in normal and right in normal:
+                ranked.append((-score, piece_id, cut, left, right))
+    merges = [(left, right) for *_, left, right in sorted(ranked)]
+    unk = proto.pieces[proto.trainer_spec.unk_id].piece
+    tokenizer = Tokenizer(
+        BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=proto.trainer_spec.byte_fallback)
+    )
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    specials = [p.piece for p in proto.pieces if p.type in (p.UNKNOWN, p.CONTROL)]
+    tokenizer.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    bos = proto.pieces[proto.trainer_spec.bos_id].piece
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, proto.trainer_spec.bos_id)]
+    )
+    return tokenizer
+
+
+def write_tokenizer(sp_model: str | Path, out_dir: Path, max_length: int) -> None:
+    """tokenizer.model, an exact tokenizer.json and a tokenizer_config.json that adds BOS, not EOS.
+
+    tokenizer_class is TokenizersBackend so AutoTokenizer loads tokenizer.json as written;
+    `LlamaTokenizer` would rebuild the pre-tokenizer and lose the leading-space fix.
+    """
+    shutil.copyfile(sp_model, out_dir / "tokenizer.model")
+    sentencepiece_tokenizer_json(sp_model).save(str(out_dir / "tokenizer.json"))
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    tokenizer_config = {
+        "tokenizer_class": "TokenizersBackend",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": sp.id_to_piece(sp.bos_id()),
+        "eos_token": sp.id_to_piece(sp.eos_id()),
+        "unk_token": sp.id_to_piece(sp.unk_id()),
+        "clean_up_tokenization_spaces": False,
+        "legacy": False,
+        "model_max_length": max_length,
+        "padding_side": "left",
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))

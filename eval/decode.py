@@ -1,10 +1,13 @@
-"""Text generation with the KV cache: one jitted prefill over the prompt, then one jitted step per token.
+"""The one decoder: a jitted prefill of the prompt into the KV cache, then one jitted step per token.
 
-Batches: prompts of equal length run together (no padding, so no attention mask is needed); prompts of
-different lengths run as separate groups. Without streaming, all decode steps run on device in one
-`while_loop`; streaming (`on_token`, one prompt) brings each token to the host as it is made.
-Greedy by default; with temperature > 0, nucleus sampling from explicit PRNG keys, so a seed
-reproduces the same text.
+Both `openllama generate` and lm-eval's `generate_until` (`backend.Scorer.generate`) decode here.
+Batches: prompts of equal length run together (no padding between rows, so no attention mask is
+needed); prompts of different lengths run as separate groups. A prompt is right-padded to a bucket length
+(`packing.bucket_length`) so the prefill compiles for a few lengths, and the cache length is rounded so
+the step compiles once for many. Without streaming, all decode steps run on device in one `while_loop`;
+streaming (`on_token`, one prompt) brings each token to the host as it is made, and the callback may stop
+the generation (lm-eval's `until` strings are found that way). Greedy by default; with temperature > 0,
+nucleus sampling from explicit PRNG keys, so a seed reproduces the same text.
 """
 
 from __future__ import annotations
@@ -13,16 +16,36 @@ import argparse
 import re
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
+from typing import TextIO
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import sentencepiece as spm
 
+from openllama import commands
+from openllama.config import ConfigError, add_config_arguments, from_arguments
+from openllama.data.tokenizer import load_for_model
+from openllama.eval.packing import bucket_length
+from openllama.train import checkpoint
 from openllama.train.model import Llama, LlamaConfig, init_cache
 
 CACHE_ROUNDING = 128  # cache lengths are rounded up so the decode step compiles once for many lengths
+
+# sees each new token id as it is made; returning True stops the generation after that token
+OnToken = Callable[[int], bool | None]
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """Refuse decoding settings that cannot work, naming the setting (shared by `generate` and the CLI)."""
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    if not 0.0 < top_p <= 1.0:
+        raise ConfigError(f"top_p={top_p} must be in (0, 1]")
+    if temperature < 0:
+        raise ConfigError(f"temperature={temperature} must be >= 0 (0 means greedy)")
 
 
 def sample_next(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -51,7 +74,23 @@ def _forward_and_sample(config: LlamaConfig, params: dict, ids: jax.Array, cache
     return sample_next(logits[:, -1], key, temperature, top_p), cache
 
 
-_step = jax.jit(_forward_and_sample, static_argnums=0)  # prefill ([batch, prompt]) and streamed steps ([batch, 1])
+_step = jax.jit(_forward_and_sample, static_argnums=0)  # one streamed step ([batch, 1])
+
+
+@partial(jax.jit, static_argnums=0)
+def _prefill(config: LlamaConfig, params: dict, padded: jax.Array, length: jax.Array, cache: list[dict],
+             key: jax.Array, temperature: jax.Array, top_p: jax.Array) -> tuple[jax.Array, list[dict]]:
+    """Fill the cache with prompts right-padded to [batch, bucket]; sample the token after the first `length`.
+
+    Setting the cache index back to `length` makes the first generated token overwrite the padding, and
+    the causal mask never lets a query see keys beyond its own position, so the padding is never read.
+    The output layer runs at the last prompt position only.
+    """
+    model = Llama(config)
+    hidden, cache = model.apply({"params": params}, padded, cache=cache, method=Llama.hidden_states)
+    logits = model.apply({"params": params}, hidden[:, length - 1], method=Llama.logits)
+    cache = [dict(layer, index=length) for layer in cache]
+    return sample_next(logits, key, temperature, top_p), cache
 
 
 @partial(jax.jit, static_argnums=(0, 7, 8))
@@ -89,25 +128,27 @@ def _until_stop(tokens: list[int], stop_ids: Sequence[int]) -> list[int]:
 
 def _generate_group(params: dict, config: LlamaConfig, prompts: np.ndarray, max_new_tokens: int,
                     temperature: float, top_p: float, key: jax.Array, stop_ids: tuple[int, ...],
-                    on_token: Callable[[int], None] | None) -> list[list[int]]:
+                    on_token: OnToken | None) -> list[list[int]]:
     batch, prompt_len = prompts.shape
-    total = prompt_len + max_new_tokens
-    cache = init_cache(config, batch, -(-total // CACHE_ROUNDING) * CACHE_ROUNDING)
+    cache_length = -(-(prompt_len + max_new_tokens) // CACHE_ROUNDING) * CACHE_ROUNDING
+    padded = np.zeros((batch, bucket_length(prompt_len, cache_length)), np.int32)
+    padded[:, :prompt_len] = prompts
+    cache = init_cache(config, batch, cache_length)
     temperature, top_p = jnp.float32(temperature), jnp.float32(top_p)
-    token, cache = _step(config, params, jnp.asarray(prompts), cache, jax.random.fold_in(key, 0), temperature, top_p)
+    token, cache = _prefill(config, params, jnp.asarray(padded), jnp.int32(prompt_len), cache,
+                            jax.random.fold_in(key, 0), temperature, top_p)
     if on_token is None:
         tokens, steps = _decode_on_device(config, params, token, cache, key, temperature, top_p,
                                           max_new_tokens, stop_ids)
         return [_until_stop(row, stop_ids) for row in np.asarray(tokens)[:, : int(steps)].tolist()]
-    # streaming: one host round trip per token, so each can be shown as it comes
+    # streaming: one host round trip per token, so each can be shown (or checked) as it comes
     outputs: list[int] = []
     for step in range(1, max_new_tokens + 1):
         token_id = int(token[0])
         if token_id in stop_ids:
             break
         outputs.append(token_id)
-        on_token(token_id)
-        if step == max_new_tokens:
+        if on_token(token_id) or step == max_new_tokens:
             break
         token, cache = _step(config, params, token[:, None], cache, jax.random.fold_in(key, step),
                              temperature, top_p)
@@ -123,12 +164,13 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     stop_ids: Sequence[int] | None = None,
-    on_token: Callable[[int], None] | None = None,
+    on_token: OnToken | None = None,
 ) -> list[list[int]] | list[int]:
     """New token ids for each prompt (a single prompt gives a single list), stop token excluded.
 
     Prompts must already start with BOS if the model expects it. `stop_ids` defaults to EOS; pass
-    `()` to always produce `max_new_tokens`. `on_token` sees each new token as it comes (single prompt).
+    `()` to always produce `max_new_tokens`. `on_token` sees each new token as it comes (single prompt)
+    and stops the generation after it by returning True.
     """
     single = bool(prompt_ids) and isinstance(prompt_ids[0], int)
     prompts = [list(prompt_ids)] if single else [list(p) for p in prompt_ids]
@@ -136,12 +178,7 @@ def generate(
         raise ValueError("every prompt needs at least one token (BOS)")
     if any(not 0 <= t < config.vocab_size for p in prompts for t in p):
         raise ValueError(f"prompt token ids must be in [0, vocab_size={config.vocab_size})")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0")
+    check_sampling(max_new_tokens, temperature, top_p)
     if on_token is not None and not single:
         raise ValueError("on_token streams one prompt at a time; pass a single prompt (a list of ids)")
     stop_ids = (config.eos_token_id,) if stop_ids is None else tuple(stop_ids)
@@ -165,7 +202,7 @@ class TextStream:
     Decoding prompt + continuation together keeps SentencePiece's spacing right at the boundary.
     """
 
-    def __init__(self, sp, prompt_ids: list[int], out=None) -> None:
+    def __init__(self, sp: spm.SentencePieceProcessor, prompt_ids: list[int], out: TextIO | None = None) -> None:
         self.sp, self.ids, self.out = sp, list(prompt_ids), out or sys.stdout
         self.printed = len(sp.decode(self.ids))
 
@@ -189,40 +226,61 @@ def unescape(text: str) -> str:
     return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="openllama generate", description="Generate text from a checkpoint.")
-    parser.add_argument("ckpt", help="model checkpoint, or a training run directory (newest checkpoint)")
-    parser.add_argument("--prompt", required=True, help=r"prompt text; \n and \t are turned into newline and tab")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tokenizer", help="tokenizer.model (default: the checkpoint's)")
-    args = parser.parse_args(argv)
+@dataclass
+class GenerateConfig:
+    """`openllama generate`'s settings: what to continue, how far, how to choose each token."""
 
-    import sentencepiece as spm
+    checkpoint: str  # a model checkpoint, or a training run directory (its newest checkpoint)
+    prompt: str  # \n and \t typed in a shell become newline and tab
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int = 0
+    tokenizer: str | None = None  # None: the checkpoint's own tokenizer.model
 
-    from openllama.train.checkpoint import load_model
+    def __post_init__(self) -> None:
+        check_sampling(self.max_new_tokens, self.temperature, self.top_p)
 
-    config, params, ckpt_tokenizer = load_model(args.ckpt)
-    tokenizer = args.tokenizer or ckpt_tokenizer
-    if tokenizer is None or not Path(tokenizer).is_file():
-        print(f"openllama generate: {args.ckpt} has no tokenizer.model; pass --tokenizer PATH", file=sys.stderr)
-        return 2
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
-    if sp.vocab_size() != config.vocab_size:
-        print(f"openllama generate: tokenizer {tokenizer} has {sp.vocab_size()} pieces but the model's "
-              f"vocab_size is {config.vocab_size}", file=sys.stderr)
-        return 2
-    prompt = unescape(args.prompt)
-    prompt_ids = [config.bos_token_id] + sp.encode(prompt)
-    sys.stdout.write(prompt)
-    stream = TextStream(sp, prompt_ids)
-    try:
-        generate(params, config, prompt_ids, args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                 on_token=stream)
-    except ValueError as error:
-        print(f"\nopenllama generate: {error}", file=sys.stderr)
-        return 2
+
+def stream_generation(settings: GenerateConfig, out: TextIO | None = None) -> None:
+    """Print the prompt, then its continuation token by token; the tokenizer is checked before weights load."""
+    out = out or sys.stdout
+    model_config = checkpoint.read_config(settings.checkpoint)
+    tokenizer_path = settings.tokenizer or checkpoint.tokenizer_of(settings.checkpoint)
+    if tokenizer_path is None:
+        raise commands.BadInput(
+            f"checkpoint {checkpoint.resolve(settings.checkpoint)} has no {checkpoint.TOKENIZER}; "
+            "pass --tokenizer PATH"
+        )
+    sp = load_for_model(tokenizer_path, model_config.vocab_size, model_config.bos_token_id,
+                        model_config.eos_token_id)
+    model_config, params, _ = checkpoint.load_model(settings.checkpoint)
+    prompt = unescape(settings.prompt)
+    prompt_ids = [model_config.bos_token_id] + sp.encode(prompt)
+    out.write(prompt)
+    stream = TextStream(sp, prompt_ids, out)
+    generate(params, model_config, prompt_ids, settings.max_new_tokens, settings.temperature, settings.top_p,
+             settings.seed, on_token=stream)
     stream.finish()
-    return 0
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="openllama generate", description="Generate text from a checkpoint, streamed as it is made.",
+        epilog=commands.EXIT_CODES,
+    )
+    parser.add_argument("checkpoint", nargs="?",
+                        help="model checkpoint, or a training run directory (its newest checkpoint)")
+    parser.add_argument("--prompt", help=r"prompt text; \n and \t are turned into newline and tab")
+    parser.add_argument("--max-new-tokens", type=int, help="tokens to generate at most (default: 64)")
+    parser.add_argument("--temperature", type=float, help="0 means greedy (default: 0)")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling mass, in (0, 1] (default: 1)")
+    parser.add_argument("--seed", type=int, help="seed of the sampling keys (default: 0)")
+    parser.add_argument("--tokenizer", help="tokenizer.model (default: the checkpoint's)")
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        settings = from_arguments(GenerateConfig, args)
+    except ConfigError as error:
+        parser.exit(2, f"{parser.prog}: {error}\n")  # exit 2 with one line, as argparse does for a bad flag
+    return commands.run(parser.prog, lambda: stream_generation(settings))

@@ -1,8 +1,10 @@
 """`openllama eval CKPT --tasks ...`: lm-evaluation-harness on a checkpoint, OpenLLaMA's table, MLflow.
 
-Everything that can be wrong with the request (checkpoint, tokenizer, task names, tasks without documents)
-is checked before the model is loaded. Results go to `--output` (results.json, table.md) and to the MLflow
-experiment `eval`, tagged with the training run and step the checkpoint came from when they are known.
+Everything that can be wrong with the request (settings, checkpoint, tokenizer, task names, tasks without
+documents) is checked before the model is loaded, and refused with exit 2 and one line. Results go to
+`--output` (results.json, table.md) and to the MLflow experiment `eval`, tagged with the training run and
+step the checkpoint came from when they are known. `--perplexity DATA_DIR` adds the held-out loss of a
+packed dataset's validation split, computed by the code training uses (`train/heldout.py`).
 """
 
 from __future__ import annotations
@@ -10,21 +12,31 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import logging
 import math
 import os
-import re
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jax
+
+from openllama import commands, files
+from openllama.commands import BadInput
+from openllama.config import ConfigError, add_config_arguments, from_arguments
+from openllama.data.shards import DatasetNotFinished, PackedDataset
+from openllama.data.tokenizer import load_for_model
 from openllama.eval import published
+from openllama.train import checkpoint
+from openllama.train.heldout import heldout_metrics
+from openllama.train.model import LlamaConfig
+from openllama.train.step import make_eval_step
 
 TASK_PACK = Path(__file__).resolve().parent / "tasks"
 EXPERIMENT = "eval"
+LM_EVAL_MISSING = "lm-eval is not installed: pip install 'openllama-ray[eval]'"
 
 # The zero-shot suite of OpenLLaMA's README table (cb and wsc are run but kept out of the Average).
 OPENLLAMA_TASKS = (
@@ -33,16 +45,68 @@ OPENLLAMA_TASKS = (
 )
 
 
-class EvalInputError(ValueError):
+class EvalInputError(BadInput):
     """A request that cannot be evaluated; raised before any model work."""
+
+
+@dataclass
+class EvalConfig:
+    """`openllama eval`'s settings (`--config YAML`, the flags, `--set KEY=VALUE`), checked before any work."""
+
+    checkpoint: str  # a model checkpoint, or a training run directory (its newest checkpoint)
+    tasks: list[str] = field(default_factory=list)  # lm-eval tasks or groups; `openllama` = OpenLLaMA's suite
+    limit: int | float | None = None  # documents per task, or a fraction of each task below 1
+    num_fewshot: int | None = None  # None: each task's own
+    include_path: list[str] = field(default_factory=list)  # more folders of lm-eval task YAMLs
+    workers: int = 1  # Ray actors that each hold the model
+    batch_size: int = 16  # packed rows scored together (a row holds several requests)
+    tokenizer: str | None = None  # None: the checkpoint's own tokenizer.model
+    compare: bool = False  # show the published GPT-J / LLaMA / OpenLLaMA columns beside ours
+    output: str | None = None  # folder for results.json and table.md
+    perplexity: str | None = None  # a packed dataset whose validation split is scored
+    seed: int = 0  # few-shot sampling
+    mlflow: bool = True  # log the results to MLflow experiment `eval`
+
+    def __post_init__(self) -> None:
+        if self.limit is not None:
+            if self.limit <= 0:
+                raise ConfigError(f"--limit={self.limit:g} must be positive")
+            if self.limit >= 1:
+                if self.limit != int(self.limit):
+                    raise ConfigError(
+                        f"--limit={self.limit:g} must be a whole number of documents, or a fraction below 1"
+                    )
+                self.limit = int(self.limit)
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise ConfigError(f"--num-fewshot={self.num_fewshot} must be at least 0")
+        if self.workers < 1:
+            raise ConfigError(f"--workers={self.workers} must be at least 1")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size={self.batch_size} must be at least 1")
+
+    def check_has_work(self) -> None:
+        """Something to evaluate: tasks, a held-out set, or both. (Not in __post_init__, so that
+        `openllama config show eval` can show the defaults, which name neither.)"""
+        if not self.tasks and not self.perplexity:
+            raise ConfigError("name --tasks, --perplexity DATA_DIR, or both")
 
 
 @dataclass(frozen=True)
 class Row:
+    """One line of the results table."""
+
     task: str
     metric: str
     value: float
     averaged: bool  # counted in the Average row: a higher-is-better score of a task OpenLLaMA averaged
+
+
+def require_lm_eval() -> None:
+    """lm-eval is an install extra: without it, stop with the command that installs it."""
+    try:
+        import lm_eval  # noqa: F401  (imported here only to learn whether the extra is installed)
+    except ImportError as error:
+        raise EvalInputError(LM_EVAL_MISSING) from error
 
 
 def expand_tasks(names: list[str]) -> list[str]:
@@ -60,7 +124,7 @@ def task_manager(names: list[str], include_paths: list[str]) -> Any:
 
     Indexing lm-eval's ~15k task files takes a while, so it is skipped when every name is found locally.
     """
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # lm-eval is an install extra (see require_lm_eval)
 
     for path in include_paths:
         if not Path(path).is_dir():
@@ -106,46 +170,35 @@ def check_tasks_have_documents(names: list[str], manager: Any) -> None:
 
 def check_checkpoint(path: str, tokenizer: str | None) -> Path:
     """The resolved checkpoint dir, after checking that it is one and that its tokenizer fits it."""
-    from openllama.eval.backend import load_tokenizer
-    from openllama.train import checkpoint
-    from openllama.train.model import config_from_dict
-
     try:
         resolved = checkpoint.resolve(path)
     except FileNotFoundError as error:
         raise EvalInputError(str(error)) from error
-    config = config_from_dict(json.loads((resolved / checkpoint.MODEL_JSON).read_text()))
-    tokenizer_path = Path(tokenizer) if tokenizer else resolved / checkpoint.TOKENIZER
-    if not tokenizer and not tokenizer_path.is_file():
+    config = checkpoint.read_config(resolved)
+    tokenizer_path = tokenizer or checkpoint.tokenizer_of(resolved)
+    if tokenizer_path is None:
         raise EvalInputError(f"checkpoint {resolved} has no {checkpoint.TOKENIZER}; pass --tokenizer PATH")
     try:
-        load_tokenizer(tokenizer_path, config)
-    except (OSError, ValueError) as error:
+        load_for_model(tokenizer_path, config.vocab_size, config.bos_token_id, config.eos_token_id)
+    except (OSError, BadInput) as error:
         raise EvalInputError(str(error)) from error
     return resolved
 
 
 def training_origin(ckpt: Path) -> dict[str, str]:
-    """Tags naming where a checkpoint came from: the training run's MLflow id and the step, when found.
+    """Tags naming where a checkpoint came from: the training step and the training run's MLflow id, when known.
 
-    A training checkpoint sits at RUN/checkpoints/step_XXXXXXXX/ with a state.json ({"step": ...}) and
-    RUN/mlflow_run_id; anything missing or unreadable is simply left out.
+    Both come from the run directory's own records (`train/checkpoint.py`); a checkpoint not saved by
+    `openllama train` simply has neither.
     """
     tags: dict[str, str] = {}
-    try:
-        state = json.loads((ckpt / "state.json").read_text())
-        tags["checkpoint_step"] = str(int(state["step"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        match = re.search(r"step_?(\d+)$", ckpt.name)
-        if match:
-            tags["checkpoint_step"] = str(int(match.group(1)))
-    for parent in (ckpt, *list(ckpt.parents)[:3]):
-        run_id_file = parent / "mlflow_run_id"
-        if run_id_file.is_file():
-            run_id = run_id_file.read_text().strip()
-            if run_id:
-                tags["training_run_id"] = run_id
-            break
+    step = checkpoint.checkpoint_step(ckpt)
+    if step is not None:
+        tags["checkpoint_step"] = str(step)
+    run = checkpoint.RunDir.of_checkpoint(ckpt)
+    run_id = run.tracking_run_id() if run is not None else None
+    if run_id:
+        tags["training_run_id"] = run_id
     return tags
 
 
@@ -199,6 +252,7 @@ def render_table(rows: list[Row], model_name: str, compare: bool) -> str:
 def log_to_mlflow(rows: list[Row], results_path: Path, table_path: Path, tags: dict[str, str],
                   params: dict[str, Any]) -> str:
     """One run in experiment `eval`: every metric as `task/metric`, the results and table as artifacts."""
+    # MLflow loads only when a run is logged (--no-mlflow skips it); importing it costs seconds
     from mlflow.entities import Metric
 
     from openllama import tracking
@@ -217,10 +271,8 @@ def log_to_mlflow(rows: list[Row], results_path: Path, table_path: Path, tags: d
     return run_id
 
 
-def open_validation(data_dir: str, max_length: int) -> Any:
+def open_validation(data_dir: str, max_length: int) -> PackedDataset:
     """The validation split of a packed dataset, checked to fit the model's context."""
-    from openllama.data.shards import DatasetNotFinished, PackedDataset
-
     try:
         dataset = PackedDataset.open(data_dir, split="validation")
     except (OSError, ValueError, DatasetNotFinished) as error:
@@ -233,154 +285,161 @@ def open_validation(data_dir: str, max_length: int) -> Any:
     return dataset
 
 
-def held_out_perplexity(lm: Any, dataset: Any, rows_per_read: int = 256) -> list[Row]:
-    """Loss and perplexity per validation subset: every target of every packed row, as training scores them.
+def held_out_perplexity(config: LlamaConfig, params: Any, dataset: PackedDataset, batch_size: int) -> list[Row]:
+    """Loss and perplexity per validation subset, by training's own held-out code on these weights.
 
-    Rows are scored as they were trained on (no extra BOS): the first token is the context, the rest the
-    continuation, so the loss matches training's `val/<subset>/loss` on the same rows.
+    Every target of every packed row is scored as training scores it (no extra BOS), so the loss is
+    training's `val/<subset>/loss` on the same rows.
     """
-    import numpy as np
+    evaluate_batch = jax.jit(make_eval_step(config))  # on the params' device; one shape, one compile
 
+    def score(tokens: Any, weight: Any) -> tuple[float, float]:
+        loss_sum, count = evaluate_batch(params, tokens, weight)
+        return float(loss_sum), float(count)
+
+    metrics = heldout_metrics(score, dataset, batch_size)
     rows = []
     for subset in dataset.subsets:
-        total, count = 0.0, 0
-        for start in range(0, dataset.rows(subset), rows_per_read):
-            indices = np.arange(start, min(start + rows_per_read, dataset.rows(subset)))
-            tokens = dataset.read(subset, indices).tolist()
-            scored = lm._loglikelihood_tokens([(None, row[:1], row[1:]) for row in tokens])
-            total -= sum(logprob for logprob, _ in scored)
-            count += sum(len(row) - 1 for row in tokens)
-        loss = total / max(count, 1)
-        rows.append(Row(f"validation/{subset}", "loss", loss, False))
-        rows.append(Row(f"validation/{subset}", "perplexity", math.exp(min(loss, 50.0)), False))
+        if f"{subset}/loss" in metrics:
+            rows.append(Row(f"validation/{subset}", "loss", metrics[f"{subset}/loss"], False))
+            rows.append(Row(f"validation/{subset}", "perplexity", metrics[f"{subset}/ppl"], False))
     return rows
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="openllama eval",
-        description="Evaluate a checkpoint with lm-evaluation-harness tasks and print OpenLLaMA's table.",
-    )
-    parser.add_argument("checkpoint", help="a model checkpoint dir, or a training run dir (newest checkpoint)")
-    parser.add_argument("--tasks", default="",
-                        help="comma-separated lm-eval tasks or groups; `openllama` = OpenLLaMA's zero-shot "
-                             "suite, `openllama_local` = the offline task pack")
-    parser.add_argument("--limit", type=float, default=None,
-                        help="documents per task (an integer), or a fraction of each task below 1")
-    parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: task's)")
-    parser.add_argument("--include-path", action="append", default=[], metavar="DIR",
-                        help="another folder of lm-eval task YAMLs (repeatable)")
-    parser.add_argument("--workers", type=int, default=1, help="Ray actors that each hold the model")
-    parser.add_argument("--batch-size", type=int, default=16,
-                        help="packed rows scored together (a row holds several requests)")
-    parser.add_argument("--tokenizer", default=None, help="SentencePiece model (default: the checkpoint's)")
-    parser.add_argument("--compare", action="store_true",
-                        help="show the published GPT-J / LLaMA / OpenLLaMA columns beside ours")
-    parser.add_argument("--output", default=None, help="folder for results.json and table.md")
-    parser.add_argument("--perplexity", default=None, metavar="DATA_DIR",
-                        help="also report loss and perplexity per subset of a packed dataset's validation split")
-    parser.add_argument("--seed", type=int, default=0, help="seed for few-shot sampling")
-    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-    args = parser.parse_args(argv)
-    if not args.tasks.strip() and not args.perplexity:
-        parser.error("name --tasks, --perplexity DATA_DIR, or both")
-    if args.limit is not None and args.limit <= 0:
-        parser.error(f"--limit={args.limit} must be positive")
-    if args.limit is not None and args.limit >= 1:
-        if args.limit != int(args.limit):
-            parser.error(f"--limit={args.limit} must be a whole number of documents, or a fraction below 1")
-        args.limit = int(args.limit)
-    if args.workers < 1:
-        parser.error(f"--workers={args.workers} must be at least 1")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size={args.batch_size} must be at least 1")
-    return args
-
-
-def evaluate(args: argparse.Namespace) -> tuple[Path, dict, list[Row], str]:
+def evaluate(settings: EvalConfig) -> tuple[Path, dict, list[Row], str]:
     """Check the request, run lm-eval; (checkpoint dir, lm-eval results, table rows, table markdown)."""
     # Datasets and tokenizers come from local files or the HF cache, never from a hub at run time;
-    # set HF_DATASETS_OFFLINE=0 in the environment to let lm-eval download its real tasks.
+    # set HF_DATASETS_OFFLINE=0 in the environment to let lm-eval download its real tasks. (Set before
+    # lm-eval and `datasets` are first imported: they read these at import.)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    ckpt = check_checkpoint(args.checkpoint, args.tokenizer)
-    names = expand_tasks([t.strip() for t in args.tasks.split(",") if t.strip()])
+    require_lm_eval()
+    ckpt = check_checkpoint(settings.checkpoint, settings.tokenizer)
+    names = expand_tasks(settings.tasks)
     manager = None
     if names:
-        manager = task_manager(names, args.include_path)
+        manager = task_manager(names, settings.include_path)
         check_task_names(names, manager)
         check_tasks_have_documents(names, manager)
     validation = None
-    if args.perplexity:
-        config = json.loads((ckpt / "model.json").read_text())
-        validation = open_validation(args.perplexity, config["max_position_embeddings"])
+    if settings.perplexity:
+        validation = open_validation(settings.perplexity, checkpoint.read_config(ckpt).max_position_embeddings)
 
+    # lm-eval is an install extra (checked above), and the backend is lm-eval's model class
     import lm_eval
 
     from openllama.eval.backend import OpenLlamaLM
 
-    ray_started_here = args.workers > 1 and not _ray_running()
+    ray_started_here = settings.workers > 1 and not ray_is_running()
     try:
-        lm = OpenLlamaLM(str(ckpt), tokenizer=args.tokenizer, batch_size=args.batch_size, workers=args.workers)
         results: dict = {"results": {}}
+        lm = None
         if names:
+            lm = OpenLlamaLM(str(ckpt), tokenizer=settings.tokenizer, batch_size=settings.batch_size,
+                             workers=settings.workers)
             results = lm_eval.simple_evaluate(
-                model=lm, tasks=names, num_fewshot=args.num_fewshot, limit=args.limit, task_manager=manager,
-                log_samples=False, random_seed=args.seed, numpy_random_seed=args.seed,
-                torch_random_seed=args.seed, fewshot_random_seed=args.seed,
+                model=lm, tasks=names, num_fewshot=settings.num_fewshot, limit=settings.limit,
+                task_manager=manager, log_samples=False, random_seed=settings.seed,
+                numpy_random_seed=settings.seed, torch_random_seed=settings.seed,
+                fewshot_random_seed=settings.seed,
             )
         rows = table_rows(results)
         if validation is not None:
-            heldout = held_out_perplexity(lm, validation)
+            in_process = lm.in_process_model() if lm is not None else None
+            model_config, params = in_process or checkpoint.load_model(ckpt)[:2]
+            heldout = held_out_perplexity(model_config, params, validation, settings.batch_size)
             results["perplexity"] = {f"{r.task}/{r.metric}": r.value for r in heldout}
             rows += heldout
     finally:
-        if ray_started_here:
-            import ray
+        if ray_started_here and ray_is_running():
+            import ray  # already loaded by the workers (ray_is_running says so): this only names it
 
             ray.shutdown()
-    return ckpt, results, rows, render_table(rows, ckpt.name, args.compare)
+    return ckpt, results, rows, render_table(rows, ckpt.name, settings.compare)
 
 
-def _ray_running() -> bool:
-    import ray
-
-    return ray.is_initialized()
+def ray_is_running() -> bool:
+    """Whether this process is connected to Ray; never imports it (that costs a second), as unimported
+    means not started."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 def write_outputs(out_dir: Path, results: dict, table: str) -> tuple[Path, Path]:
-    """results.json and table.md in out_dir, each written under a temporary name and renamed."""
-    from lm_eval.utils import handle_non_serializable
+    """results.json and table.md in out_dir, each published whole (`files.write_text`)."""
+    from lm_eval.utils import handle_non_serializable  # lm-eval is an install extra (see require_lm_eval)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, text in (("results.json", json.dumps(results, indent=2, default=handle_non_serializable)),
-                       ("table.md", table)):
-        tmp = out_dir / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.rename(out_dir / name)
-        paths.append(out_dir / name)
-    return paths[0], paths[1]
+    results_path, table_path = out_dir / "results.json", out_dir / "table.md"
+    files.write_text(results_path, json.dumps(results, indent=2, default=handle_non_serializable))
+    files.write_text(table_path, table)
+    return results_path, table_path
+
+
+def report(settings: EvalConfig) -> int:
+    """Evaluate, print the table, write the outputs and log the MLflow run."""
+    ckpt, results, rows, table = evaluate(settings)
+    print(table)
+    with tempfile.TemporaryDirectory() as scratch:
+        results_path, table_path = write_outputs(Path(settings.output or scratch), results, table)
+        if settings.mlflow:
+            tags = {"checkpoint": str(ckpt), "checkpoint_name": ckpt.name, **training_origin(ckpt)}
+            params = {"tasks": ",".join(settings.tasks), "limit": settings.limit,
+                      "num_fewshot": settings.num_fewshot, "batch_size": settings.batch_size,
+                      "workers": settings.workers, "seed": settings.seed,
+                      "tokenizer": settings.tokenizer or "checkpoint"}
+            run_id = log_to_mlflow(rows, results_path, table_path, tags, params)
+            print(f"MLflow run {run_id} in experiment {EXPERIMENT!r}")
+    if settings.output:
+        print(f"wrote {results_path} and {table_path}")
+    return 0
+
+
+def task_list(text: str) -> list[str]:
+    """`--tasks a,b` as ["a", "b"]."""
+    return [task.strip() for task in text.split(",") if task.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of `openllama eval`; each defaults to None so that EvalConfig holds the one default."""
+    parser = argparse.ArgumentParser(
+        prog="openllama eval",
+        description="Evaluate a checkpoint with lm-evaluation-harness tasks and print OpenLLaMA's table.",
+        epilog=commands.EXIT_CODES,
+    )
+    parser.add_argument("checkpoint", nargs="?",
+                        help="a model checkpoint dir, or a training run dir (its newest checkpoint)")
+    parser.add_argument("--tasks", type=task_list,
+                        help="comma-separated lm-eval tasks or groups; `openllama` = OpenLLaMA's zero-shot "
+                             "suite, `openllama_local` = the offline task pack")
+    parser.add_argument("--limit", type=float,
+                        help="documents per task (an integer), or a fraction of each task below 1 (default: all)")
+    parser.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
+    parser.add_argument("--include-path", action="append", metavar="DIR",
+                        help="another folder of lm-eval task YAMLs (repeatable)")
+    parser.add_argument("--workers", type=int, help="Ray actors that each hold the model (default: 1)")
+    parser.add_argument("--batch-size", type=int,
+                        help="packed rows scored together, a row holding several requests; also the rows "
+                             "per --perplexity batch (default: 16)")
+    parser.add_argument("--tokenizer", help="SentencePiece model (default: the checkpoint's)")
+    parser.add_argument("--compare", action="store_true", default=None,
+                        help="show the published GPT-J / LLaMA / OpenLLaMA columns beside ours")
+    parser.add_argument("--output", help="folder for results.json and table.md (default: none kept)")
+    parser.add_argument("--perplexity", metavar="DATA_DIR",
+                        help="also report loss and perplexity per subset of a packed dataset's validation split")
+    parser.add_argument("--seed", type=int, help="seed for few-shot sampling (default: 0)")
+    parser.add_argument("--no-mlflow", dest="mlflow", action="store_false", default=None,
+                        help="do not log to MLflow (default: log to experiment `eval`)")
+    add_config_arguments(parser)
+    return parser
 
 
 def main(argv: list[str]) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        ckpt, results, rows, table = evaluate(args)
-    except EvalInputError as error:
-        print(f"openllama eval: {error}", file=sys.stderr)
-        return 2
-    print(table)
-    with tempfile.TemporaryDirectory() as scratch:
-        results_path, table_path = write_outputs(Path(args.output or scratch), results, table)
-        if not args.no_mlflow:
-            tags = {"checkpoint": str(ckpt), "checkpoint_name": ckpt.name, **training_origin(ckpt)}
-            params = {"tasks": args.tasks, "limit": args.limit, "num_fewshot": args.num_fewshot,
-                      "batch_size": args.batch_size, "workers": args.workers, "seed": args.seed,
-                      "tokenizer": args.tokenizer or "checkpoint"}
-            run_id = log_to_mlflow(rows, results_path, table_path, tags, params)
-            print(f"MLflow run {run_id} in experiment {EXPERIMENT!r}")
-    if args.output:
-        print(f"wrote {results_path} and {table_path}")
-    return 0
+        settings = from_arguments(EvalConfig, args)
+        settings.check_has_work()
+    except ConfigError as error:
+        parser.exit(2, f"{parser.prog}: {error}\n")  # exit 2 with one line, as argparse does for a bad flag
+    commands.quiet_libraries()
+    return commands.run(parser.prog, lambda: report(settings))

@@ -1,4 +1,4 @@
-"""`openllama`: one console script, one subcommand per stage.
+"""`openllama`: one console script, one subcommand per stage; the only table that names every stage.
 
 Each subcommand lives beside the code it drives and is imported only when called, so `openllama --help`
 stays fast and a stage's heavy imports (jax, ray, torch) load only for that stage.
@@ -9,17 +9,19 @@ from __future__ import annotations
 import importlib
 import sys
 
+from openllama.commands import EXIT_CODES
+
 # name -> (module:function taking argv and returning an exit code, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("openllama.data.tokenizer:main", "train a LLaMA-style SentencePiece tokenizer (tokenizer train)"),
     "data": ("openllama.data.tokenize:main", "validate, tokenize and pack RedPajama into shards (data tokenize)"),
-    "train": ("openllama.train.run:main", "pretrain LLaMA under Ray Train's JaxTrainer from a YAML config"),
+    "train": ("openllama.train.launch:main", "pretrain LLaMA under Ray Train's JaxTrainer from a YAML config"),
     "eval": ("openllama.eval.run:main", "evaluate a checkpoint with lm-evaluation-harness tasks"),
     "generate": ("openllama.eval.decode:main", "generate text from a checkpoint, streamed"),
-    "export-hf": ("openllama.train.convert.hf:export_main", "write a checkpoint in Hugging Face LlamaForCausalLM format"),
+    "export-hf": ("openllama.train.convert.hf:export_main", "write a checkpoint as a Hugging Face LlamaForCausalLM"),
     "import-hf": ("openllama.train.convert.hf:import_main", "read any LLaMA-architecture Hugging Face checkpoint"),
-    "import-easylm": ("openllama.train.convert.easylm:main", "read an EasyLM streaming checkpoint (OpenLLaMA's release)"),
-    "config": ("openllama.settings:main", "show a resolved config (config show PRESET)"),
+    "import-easylm": ("openllama.train.convert.easylm:main", "read an EasyLM checkpoint (OpenLLaMA's release)"),
+    "config": ("openllama.show:main", "show the resolved settings of a command or config (config show NAME)"),
     "pipeline": ("openllama.pipeline:main", "run the whole pipeline as Ray jobs (what `make demo` runs)"),
 }
 
@@ -28,7 +30,8 @@ def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: openllama COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_text}" for name, (_, help_text) in COMMANDS.items()]
-    lines += ["", "`openllama COMMAND --help` describes one command."]
+    lines += ["", "`openllama COMMAND --help` describes one command; `openllama config show COMMAND` its settings.",
+              EXIT_CODES]
     return "\n".join(lines)
 
 

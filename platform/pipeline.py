@@ -17,13 +17,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import os
 import re
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterable
@@ -31,9 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from openllama import files, ray_jobs, services
+import mlflow
 
-log = logging.getLogger("openllama.pipeline")
+from openllama import commands, files, ray_jobs, services
+from openllama.config import add_config_arguments, from_arguments
+from openllama.data.shards import PackedDataset
+from openllama.train.checkpoint import RunDir
+from openllama.train.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_CORPUS = REPO / "data" / "sample" / "redpajama"
@@ -131,6 +133,7 @@ class Runner:
     code: str
     ran: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
+    say: Any = print  # one line per stage for the person watching; the jobs' own output goes to their logs
 
     def run(self, stage: Stage) -> dict:
         """The stage's ledger entry after making sure it is done (run now, or reused)."""
@@ -139,7 +142,7 @@ class Runner:
         ledger = read_json(ledger_path) or {}
         done = ledger.get("status") == "done" and all(p.exists() for p in stage.outputs)
         if ledger.get("key") == identity["key"] and done:
-            log.info("stage %-9s reused (inputs, command and code unchanged; %s)", stage.name, ledger_path)
+            self.say(f"  {stage.name:<9} reused (inputs, command and code unchanged)")
             self.reused.append(stage.name)
             return ledger
         reason = rerun_reason(ledger, identity)
@@ -151,19 +154,17 @@ class Runner:
         entry = {"stage": stage.name, **identity, "status": "running", "submission_id": submission_id,
                  "started": started}
         files.write_json(ledger_path, entry)
-        log.info("stage %-9s (%s) submitting Ray job %s: %s", stage.name, reason, submission_id,
-                 " ".join(stage.command))
         log_path = self.out / "logs" / f"{stage.name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         output = ray_jobs.submit(stage.command, api_url=self.api_url, env=self.client_env, working_dir=REPO,
-                                 submission_id=submission_id, env_vars=self.job_env, log_path=log_path)
+                                 submission_id=submission_id, env_vars=self.job_env, log_path=log_path, echo=None)
         missing = [str(p) for p in stage.outputs if not p.exists()]
         if missing:
             raise ray_jobs.JobFailed(f"stage {stage.name} succeeded but did not write {missing}; log {log_path}")
         entry.update(status="done", seconds=round(time.time() - started, 1), **stage.facts,
                      **facts_from_output(output))
         files.write_json(ledger_path, entry)
-        log.info("stage %-9s done in %.0f s", stage.name, entry["seconds"])
+        self.say(f"  {stage.name:<9} done in {entry['seconds']:>5.1f} s   ({reason})")
         self.ran.append(stage.name)
         return entry
 
@@ -174,21 +175,15 @@ def facts_from_output(output: str) -> dict[str, str]:
     return {"mlflow_run_id": match.group(1)} if match else {}
 
 
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def dataset_hash(dataset: Path) -> str:
     """The packed dataset's identity: its shards' paths and sha256s, from the manifest."""
-    manifest = json.loads((dataset / "manifest.json").read_text())
+    manifest = PackedDataset.open(str(dataset)).manifest
     shards = sorted((s["path"], s["sha256"]) for s in manifest["shards"])
     return hashlib.sha256(json.dumps(shards).encode()).hexdigest()
 
 
 def build_stages(out: Path, corpus: Path, train_config: str, train_overrides: list[str],
                  eval_limit: int | None, sample_docs: int, max_new_tokens: int) -> list[Stage]:
-    from openllama.train.config import load_config
-
     tokenizer_dir, dataset, eval_dir, hf_dir = out / "tokenizer", out / "dataset", out / "eval", out / "hf"
     overrides = [f"name={RUN_NAME}", f"output_dir={out / 'train'}", f"data.path={dataset}",
                  f"data.tokenizer={tokenizer_dir / 'tokenizer.model'}", "data.build_from=null",
@@ -228,7 +223,7 @@ def record_lineage(client: Any, out: Path, ledgers: dict[str, dict], commit: str
     """Tie the stages' MLflow runs together with tags and artifacts; returns {stage: run id}."""
     tokenizer = out / "tokenizer" / "tokenizer.model"
     dataset = out / "dataset"
-    hashes = {"tokenizer_sha256": sha256_file(tokenizer), "dataset_sha256": dataset_hash(dataset)}
+    hashes = {"tokenizer_sha256": files.sha256_of(tokenizer), "dataset_sha256": dataset_hash(dataset)}
     runs: dict[str, str] = {}
 
     data_runs = client.search_runs(
@@ -246,9 +241,9 @@ def record_lineage(client: Any, out: Path, ledgers: dict[str, dict], commit: str
             client.log_artifact(runs["data"], str(out / "tokenizer" / "tokenizer_settings.json"), "tokenizer")
             client.log_artifact(runs["data"], str(dataset / "manifest.json"), "dataset")
 
-    train_id_file = out / "train" / RUN_NAME / "mlflow_run_id"  # written by `openllama train`
-    if train_id_file.is_file():
-        runs["train"] = train_id_file.read_text().strip()
+    train_run_id = RunDir(out / "train" / RUN_NAME).tracking_run_id()  # recorded by `openllama train`
+    if train_run_id:
+        runs["train"] = train_run_id
         tags = {**hashes, "git_commit": commit, "preset": ledgers["train"]["preset"],
                 "train_config": ledgers["train"]["config"]}
         if "data" in runs:
@@ -268,77 +263,84 @@ def start_services(state: Path) -> tuple[services.RayHead, services.MlflowServer
     if head is None or not head.pids():
         if head is not None:
             services.stop_ray_head(head)  # a stale record (machine restarted, processes killed)
-        log.info("starting a Ray head on 127.0.0.1 (state in %s)", state)
+        print(f"  starting a Ray head on 127.0.0.1 (state in {state})")
         head = services.start_ray_head(state)
     server = services.read_mlflow_server(state)
     if server is None or not server.pids():
-        log.info("starting an MLflow server on 127.0.0.1 (store in %s)", state)
+        print(f"  starting an MLflow server on 127.0.0.1 (store in {state})")
         server = services.start_mlflow_server(state, port=server.port if server else None)
     return head, server
 
 
-def default_address() -> str | None:
-    """RAY_API_SERVER_ADDRESS, or RAY_ADDRESS when it is a job API URL (http://HOST:8265)."""
-    ray_address = os.environ.get("RAY_ADDRESS", "")
-    return os.environ.get("RAY_API_SERVER_ADDRESS") or (ray_address if ray_address.startswith("http") else None)
+@dataclass
+class PipelineConfig:
+    """`openllama pipeline`: where its outputs go, what it runs on, and the settings of its stages."""
+
+    out: str = ".demo"  # services, outputs, ledgers and logs
+    corpus: str = str(SAMPLE_CORPUS)  # RedPajama jsonl folder
+    train_config: str = "configs/train/tiny-cpu.yaml"
+    train_overrides: list[str] = field(default_factory=list)  # extra `openllama train` settings
+    sample_docs: int = 2000  # documents the tokenizer trains on
+    eval_limit: int | None = None  # documents per eval task (None: all)
+    max_new_tokens: int = 32
+    api_address: str | None = None  # an existing cluster's job API (http://HOST:8265); None: a local head
+    down: bool = False  # stop the services recorded in `out` and exit
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="openllama pipeline",
         description="Run tokenizer -> data -> train -> eval -> export -> generate as Ray jobs. Without "
-                    "--address it starts (or reuses) a Ray head and an MLflow server on 127.0.0.1.",
+                    "--api-address it starts (or reuses) a Ray head and an MLflow server on 127.0.0.1.",
+        epilog=commands.EXIT_CODES,
     )
-    parser.add_argument("--out", default=".demo", help="folder for services, outputs, ledgers and logs")
-    parser.add_argument("--corpus", default=str(SAMPLE_CORPUS), help="RedPajama jsonl folder")
-    parser.add_argument("--train-config", default="configs/train/tiny-cpu.yaml")
-    parser.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--out", help="folder for services, outputs, ledgers and logs (default .demo)")
+    parser.add_argument("--corpus", help="RedPajama jsonl folder (default: the shipped sample)")
+    parser.add_argument("--train-config", help="training config (default configs/train/tiny-cpu.yaml)")
+    parser.add_argument("--train-override", action="append", dest="train_overrides", metavar="KEY=VALUE",
                         help="extra `openllama train` setting, e.g. train.steps=50 (repeatable)")
-    parser.add_argument("--sample-docs", type=int, default=2000, help="documents the tokenizer trains on")
-    parser.add_argument("--eval-limit", type=int, default=None, help="documents per eval task (default: all)")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--address", default=default_address(),
-                        help="an existing cluster's job API, e.g. http://127.0.0.1:8265 (its outputs folder "
-                             "must be shared with this machine); default: a local head")
-    parser.add_argument("--down", action="store_true", help="stop the services recorded in OUT and exit")
+    parser.add_argument("--sample-docs", type=int, help="documents the tokenizer trains on (default 2000)")
+    parser.add_argument("--eval-limit", type=int, help="documents per eval task (default: all)")
+    parser.add_argument("--max-new-tokens", type=int, help="tokens the generate stage writes (default 32)")
+    parser.add_argument("--api-address", default=os.environ.get("RAY_API_SERVER_ADDRESS"),
+                        help="an existing cluster's job API, e.g. http://127.0.0.1:8265 (default: "
+                             "RAY_API_SERVER_ADDRESS, else a local head); its outputs folder must be shared "
+                             "with this machine")
+    parser.add_argument("--down", action="store_true", default=None, help="stop the services recorded in OUT")
+    add_config_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    out = Path(args.out).absolute()
+    return commands.run("openllama pipeline", lambda: run_pipeline(from_arguments(PipelineConfig, args)))
+
+
+def run_pipeline(config: PipelineConfig) -> int:
+    """Every stage, run or reused, then the lineage between their MLflow runs and a summary."""
+    out = Path(config.out).absolute()
     state = out / "services"
-    if args.down:
+    if config.down:
         stopped = services.stop_all(state)
         print("\n".join(f"stopped {s}" for s in stopped) or f"no services recorded in {state}")
         return 0
-    corpus = Path(args.corpus).absolute()
+    corpus = Path(config.corpus).absolute()
     if not corpus.exists():
-        print(f"openllama pipeline: --corpus {corpus} does not exist", file=sys.stderr)
-        return 2
-    from openllama.config import ConfigError
-
-    try:
-        stages = build_stages(out, corpus, args.train_config, args.train_override, args.eval_limit,
-                              args.sample_docs, args.max_new_tokens)
-    except ConfigError as error:
-        print(f"openllama pipeline: {error}", file=sys.stderr)
-        return 2
+        raise commands.BadInput(f"corpus={corpus} does not exist")
+    stages = build_stages(out, corpus, config.train_config, config.train_overrides, config.eval_limit,
+                          config.sample_docs, config.max_new_tokens)  # a bad setting fails here, before any job
 
     started = time.time()
     head = None
-    if args.address:
+    if config.api_address:
         tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
         if tracking_uri is None:
-            print("openllama pipeline: with --address, set MLFLOW_TRACKING_URI to a tracking server the cluster "
-                  "reaches", file=sys.stderr)
-            return 2
+            raise commands.BadInput("with api_address, set MLFLOW_TRACKING_URI to a tracking server the cluster "
+                                    "reaches")
         try:
-            api_url, client_env = args.address, ray_jobs.client_env(args.address)
+            api_url, client_env = config.api_address, ray_jobs.client_env(config.api_address)
         except (ray_jobs.RayAuthError, ConnectionError) as error:
-            print(f"openllama pipeline: {error}", file=sys.stderr)
-            return 1
+            raise commands.WorkFailed(str(error)) from error
     else:
         head, server = start_services(state)
         api_url, client_env = head.dashboard_url, {**os.environ, **head.env}
@@ -346,26 +348,24 @@ def main(argv: list[str]) -> int:
     job_env = {"MLFLOW_TRACKING_URI": tracking_uri, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                "PYTHONUNBUFFERED": "1"}
     runner = Runner(out, api_url, client_env, job_env, code_version())
+    print(f"pipeline: {len(stages)} stages as Ray jobs on {api_url} (each job's output: {out}/logs/STAGE.log)")
     try:
         ledgers = {stage.name: runner.run(stage) for stage in stages}
     except ray_jobs.JobFailed as error:
-        print(f"\nopenllama pipeline: {error}", file=sys.stderr)
-        return 1
-
-    import mlflow
+        raise commands.WorkFailed(str(error)) from error
 
     runs = record_lineage(mlflow.MlflowClient(tracking_uri), out, ledgers, git_commit())
     files.write_json(out / "lineage.json", {"tracking_uri": tracking_uri, "runs": runs})
     summary = [
         f"\npipeline finished in {time.time() - started:.0f} s; ran: {', '.join(runner.ran) or 'nothing'}; "
         f"reused: {', '.join(runner.reused) or 'nothing'}",
-        f"  MLflow UI      {tracking_uri}   (experiments data, openllama-train, eval; runs {runs})",
+        f"  MLflow UI      {tracking_uri}   (experiments data, openllama-train, eval)",
         f"  Ray dashboard  {api_url}" + (f"   (token: {head.token_path})" if head else ""),
         f"  outputs        {out}/tokenizer, dataset, train/{RUN_NAME}, eval, hf, generate/output.txt",
-        f"  job logs       {out}/logs/STAGE.log   ledgers {out}/ledger/STAGE.json",
+        f"  job logs       {out}/logs/STAGE.log   ledgers {out}/ledger/STAGE.json   runs {out}/lineage.json",
     ]
     if head:
-        summary.append(f"  stop services  make down   (or: openllama pipeline --out {args.out} --down)")
+        summary.append(f"  stop services  make down   (or: openllama pipeline --out {config.out} --down)")
     print("\n".join(summary))
     print("\ngenerated:\n" + (out / "generate" / "output.txt").read_text())
     return 0

@@ -93,8 +93,8 @@ def submit(
 ) -> str:
     """Run `entrypoint` as a Ray job with `ray job submit` and wait for it; raises JobFailed if it fails.
 
-    The job's output is streamed to `echo` (stdout by default), appended to `log_path` and returned
-    (`ray job submit`'s own progress lines go to the log only).
+    The job's output is appended to `log_path`, streamed to `echo` when given (`ray job submit`'s own
+    progress lines go to the log only) and returned.
     """
     runtime_env: dict[str, Any] = {"excludes": WORKING_DIR_EXCLUDES}
     if env_vars:
@@ -107,13 +107,12 @@ def submit(
         "--runtime-env-json", json.dumps(runtime_env),
         "--", *entrypoint,
     ]
-    echo = echo or sys.stdout
     lines = []
     with (open(log_path or os.devnull, "a", encoding="utf-8") as log,
           subprocess.Popen(command, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True, errors="replace") as proc):
         for line in proc.stdout:
-            if not RAY_CLI_CHATTER.match(line):
+            if echo is not None and not RAY_CLI_CHATTER.match(line):
                 echo.write(line)
             log.write(line)
             lines.append(line)
@@ -135,7 +134,7 @@ def connect(address: str | None = None, **init_kwargs: Any) -> Any:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None and "ray" not in sys.modules:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
+    import ray  # here, after the environment above is set: Ray reads it when first imported
 
     if ray.is_initialized():
         return ray.get_runtime_context()

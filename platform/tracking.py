@@ -25,6 +25,8 @@ from openllama.config import flatten, redact
 log = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000
+# MLflow 3's UI opens an experiment in its GenAI view unless it is tagged as model training
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def tracking_uri() -> str:
@@ -40,16 +42,20 @@ def client() -> MlflowClient:
 
 
 def experiment_id(name: str, mlflow_client: MlflowClient | None = None) -> str:
-    """The id of experiment `name`, created on first use (artifacts beside the sqlite file by default)."""
+    """The id of experiment `name`, created on first use (artifacts beside the sqlite file by default),
+    tagged so that the MLflow UI shows it as model training."""
     mlflow_client = mlflow_client or client()
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is not None:
+        for key, value in EXPERIMENT_KIND.items():
+            if experiment.tags.get(key) != value:
+                mlflow_client.set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
     location = None
     if tracking_uri().startswith("sqlite:///"):
         location = (Path(tracking_uri().removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
     try:
-        return mlflow_client.create_experiment(name, artifact_location=location)
+        return mlflow_client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except mlflow.exceptions.MlflowException:  # created by a concurrent process in the meantime
         return mlflow_client.get_experiment_by_name(name).experiment_id
 

@@ -101,6 +101,20 @@ def is_loopback(ip: str) -> bool:
     return (getattr(address, "ipv4_mapped", None) or address).is_loopback
 
 
+def train_workers(ray_head) -> list[psutil.Process]:
+    """Ray Train worker processes of the session's head (children of its raylet, in sessions of their own)."""
+    head = set(ray_head.pids())
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if "RayTrainWorker" in " ".join(process.info["cmdline"] or []) and \
+                    any(parent.pid in head for parent in process.parents()):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 

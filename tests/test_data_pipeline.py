@@ -11,6 +11,7 @@ import pytest
 import sentencepiece as spm
 import zstandard
 
+from openllama import files
 from openllama.data import tokenize
 from openllama.data.shards import DatasetNotFinished, PackedDataset
 
@@ -51,7 +52,7 @@ def corpus(tmp_path_factory) -> dict:
 
 def build(corpus, sp_model, out, **kwargs) -> dict:
     options = {"seq_len": SEQ_LEN, "val_fraction": 0.2, "shard_tokens": 4000, "track": False, **kwargs}
-    return pipeline.tokenize_dataset(corpus["inputs"], str(sp_model), str(out), **options)
+    return tokenize.tokenize_dataset(corpus["inputs"], str(sp_model), str(out), **options)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def test_rows_hold_the_documents_tokens_in_order_with_bos_and_eos(corpus, built,
     """Unit shards then the tail shard, each row after the first adding seq_len new tokens."""
     out, manifest = built
     processor = spm.SentencePieceProcessor(model_file=str(sp_model))
-    train_docs = [t for t in corpus["texts"]["wikipedia"] if not pipeline.is_validation(t, 0.2, 0)]
+    train_docs = [t for t in corpus["texts"]["wikipedia"] if not tokenize.is_validation(t, 0.2, 0)]
     expected = np.concatenate([processor.encode(t, add_bos=True, add_eos=True) for t in train_docs])
     shards = [s for s in manifest["shards"] if s["split"] == "train" and s["subset"] == "wikipedia"]
     assert len(shards) > 2
@@ -98,7 +99,7 @@ def test_rows_never_mix_subsets(built):
 def test_validation_split_holds_the_documents_chosen_by_seeded_hash(corpus, built):
     stats = built[1]["stats"]["subsets"]
     for subset, texts in corpus["texts"].items():
-        assert stats[subset]["validation_documents"] == sum(pipeline.is_validation(t, 0.2, 0) for t in texts)
+        assert stats[subset]["validation_documents"] == sum(tokenize.is_validation(t, 0.2, 0) for t in texts)
     assert PackedDataset.open(str(built[0]), "validation").rows("c4") > 0
 
 
@@ -107,24 +108,26 @@ def test_every_shard_matches_its_checksum(built):
     PackedDataset.open(str(built[0]), "validation").verify()
 
 
-def test_a_run_stopped_midway_is_unfinished_and_a_rerun_gives_the_same_shards(corpus, built, sp_model, tmp_path,
-                                                                                 monkeypatch):
-    monkeypatch.setenv(pipeline.STOP_AFTER_UNITS_ENV, "1")
+def test_a_run_stopped_midway_is_unfinished_and_a_rerun_gives_the_same_shards(corpus, built, sp_model, tmp_path):
+    def crash_after_the_first_unit(finished: int, to_run: int) -> None:
+        raise RuntimeError(f"stopping after {finished} of {to_run} units, as if the run had crashed")
+
     with pytest.raises(RuntimeError, match="crashed"):
-        build(corpus, sp_model, tmp_path)
+        build(corpus, sp_model, tmp_path, on_unit_done=crash_after_the_first_unit)
     with pytest.raises(DatasetNotFinished):
         PackedDataset.open(str(tmp_path))
     # a half-written shard of an unfinished unit, as a kill during writing would leave it
-    (tmp_path / "train/wikipedia").mkdir(parents=True, exist_ok=True)
-    (tmp_path / "train/wikipedia/partial.parquet.tmp-1").write_bytes(b"half")
-    monkeypatch.delenv(pipeline.STOP_AFTER_UNITS_ENV)
+    partial = files.temporary_name(tmp_path / "train/wikipedia/partial.parquet")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_bytes(b"half")
     rerun = build(corpus, sp_model, tmp_path)
+    assert not partial.exists()
     assert rerun["shards"] == built[1]["shards"]
     assert rerun["stats"]["total"] == built[1]["stats"]["total"]
 
 
 def test_a_finished_dataset_with_the_same_settings_is_reused(corpus, built, sp_model, monkeypatch):
-    monkeypatch.setattr(pipeline, "_run_units", lambda *a: pytest.fail("tokenized again"))
+    monkeypatch.setattr(tokenize, "run_units", lambda *a: pytest.fail("tokenized again"))
     assert build(corpus, sp_model, built[0]) == built[1]
 
 
@@ -138,7 +141,7 @@ def test_the_command_line_writes_a_dataset_and_logs_it_to_mlflow(corpus, sp_mode
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    code = pipeline.main(["tokenize", *corpus["inputs"], "--tokenizer", str(sp_model), "--out",
+    code = tokenize.main(["tokenize", *corpus["inputs"], "--tokenizer", str(sp_model), "--out",
                           str(tmp_path / "out"), "--seq-len", "128"])
     assert code == 0 and "100 documents" in capsys.readouterr().out
     client = MlflowClient(uri)

@@ -10,8 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from openllama.data.tokenize import Packer
-from openllama.data.shards import DatasetNotFinished, PackedDataset, ShardCorrupted
+from openllama.data.shards import DatasetNotFinished, PackedDataset, Packer, ShardCorrupted
 
 SEQ_LEN = 8
 

@@ -26,7 +26,7 @@ def run_pipeline(out: Path, corpus: Path, ray_head, mlflow_server) -> subprocess
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     command = [
         sys.executable, "-m", "openllama.cli", "pipeline", "--out", str(out), "--corpus", str(corpus),
-        "--address", ray_head.dashboard_url, "--sample-docs", "200", "--eval-limit", "4", "--max-new-tokens", "8",
+        "--api-address", ray_head.dashboard_url, "--sample-docs", "200", "--eval-limit", "4", "--max-new-tokens", "8",
         "--train-override", "train.steps=8", "--train-override", "optimizer.warmup_steps=2",
         "--train-override", "train.log_every=2", "--train-override", "eval.every_steps=0",
     ]
@@ -73,6 +73,16 @@ def test_every_stage_ran_as_a_succeeded_ray_job(demo, ray_head):
     with urllib.request.urlopen(request, timeout=30) as response:
         jobs = {job["submission_id"]: job["status"] for job in json.loads(response.read())}
     assert {stage: jobs.get(job_id) for stage, job_id in ids.items()} == dict.fromkeys(STAGES, "SUCCEEDED")
+
+
+def test_the_pipeline_prints_a_line_per_stage_and_where_to_look_not_the_jobs_logs(demo):
+    out, result = demo
+    printed = (result.stdout + result.stderr).splitlines()
+    assert len(printed) <= 60, "\n".join(printed)
+    for stage in STAGES:
+        assert any(line.split()[:2] == [stage, "done"] for line in printed if line.strip()), stage
+    assert any("MLflow UI" in line for line in printed)
+    assert (out / "logs" / "train.log").read_text().count("step ") >= 2  # the job's own output is in its log
 
 
 def test_data_run_holds_the_tokenizer_and_manifest_with_their_hashes(demo, lineage, client):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import jax
@@ -16,6 +17,7 @@ from openllama.eval.run import (
     check_checkpoint,
     check_task_names,
     check_tasks_have_documents,
+    held_out_perplexity,
     main,
     open_validation,
     render_table,
@@ -64,7 +66,7 @@ def test_a_path_that_is_not_a_checkpoint_is_refused(tmp_path):
 def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path, sp_model):
     config = LlamaConfig.preset("tiny", vocab_size=256)
     ckpt = save_model(tmp_path / "small_vocab", init_params(config), config, None)
-    with pytest.raises(EvalInputError, match="512 pieces but the checkpoint's model.vocab_size is 256"):
+    with pytest.raises(EvalInputError, match="512 pieces but the model's vocab_size is 256"):
         check_checkpoint(str(ckpt), str(sp_model))
 
 
@@ -131,14 +133,10 @@ def write_packed_validation(root: Path, rows: np.ndarray, subset: str = "wiki") 
 
 
 def test_held_out_perplexity_is_the_mean_loss_over_every_packed_target(training_run, tmp_path):
-    from openllama.eval.backend import OpenLlamaLM
-    from openllama.eval.run import held_out_perplexity
-
     rows = np.random.default_rng(0).integers(3, 512, size=(5, 17)).astype(np.int32)
     dataset = open_validation(str(write_packed_validation(tmp_path / "data", rows)), max_length=256)
-    lm = OpenLlamaLM(str(training_run), batch_size=4)
-    (loss, perplexity) = held_out_perplexity(lm, dataset, rows_per_read=2)
     config, params, _ = load_model(training_run)
+    (loss, perplexity) = held_out_perplexity(config, params, dataset, batch_size=2)
     logits, _ = Llama(config).apply({"params": params}, rows[:, :-1])
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     expected = -float(np.take_along_axis(np.asarray(logprobs), rows[:, 1:, None], axis=-1).mean())
@@ -151,3 +149,11 @@ def test_packed_rows_longer_than_the_context_are_refused(tmp_path):
     rows = np.ones((2, 33), np.int32)
     with pytest.raises(EvalInputError, match="rows of 32 tokens do not fit the model's 16-token context"):
         open_validation(str(write_packed_validation(tmp_path / "data", rows)), max_length=16)
+
+
+def test_without_lm_eval_installed_eval_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now raises ImportError
+    assert main([str(tmp_path), "--tasks", "local_arc", "--no-mlflow"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "openllama eval: lm-eval is not installed: pip install 'openllama-ray[eval]'"
+    ]

@@ -11,8 +11,8 @@ import pytest
 import sentencepiece as spm
 
 from openllama.cli import main as cli
-from openllama.train.checkpoint import save_model
 from openllama.eval.decode import TextStream, generate, unescape
+from openllama.train.checkpoint import save_model
 from openllama.train.model import Llama, LlamaConfig, init_params
 
 TINY = LlamaConfig.preset("tiny")
@@ -72,6 +72,14 @@ def test_generation_stops_before_the_first_stop_token(params):
     assert generate(params, TINY, prompt, 12, stop_ids=[stop]) == free[: free.index(stop)]
 
 
+def test_a_streaming_callback_stops_the_generation_by_returning_true(params):
+    prompt = [1, 20, 310, 41, 7]
+    free = generate(params, TINY, prompt, 12, stop_ids=())
+    seen: list[int] = []
+    stopped = generate(params, TINY, prompt, 12, stop_ids=(), on_token=lambda t: seen.append(t) or len(seen) == 3)
+    assert stopped == seen == free[:3]
+
+
 def test_invalid_sampling_arguments_name_the_argument(params):
     with pytest.raises(ValueError, match="top_p=1.5"):
         generate(params, TINY, [1, 2], 4, top_p=1.5)
@@ -110,3 +118,11 @@ def test_cli_without_a_tokenizer_asks_for_one(params, tmp_path, capsys):
     ckpt = save_model(tmp_path / "ckpt", params, TINY)
     assert cli(["generate", str(ckpt), "--prompt", "hi"]) == 2
     assert "--tokenizer" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_bad_setting_with_one_line_naming_it(params, sp_model, tmp_path, capsys):
+    ckpt = save_model(tmp_path / "ckpt", params, TINY, sp_model)
+    with pytest.raises(SystemExit) as exit_:
+        cli(["generate", str(ckpt), "--prompt", "hi", "--top-p", "1.5"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["openllama generate: top_p=1.5 must be in (0, 1]"]

@@ -18,7 +18,8 @@ from safetensors.numpy import load_file
 from openllama.cli import main as cli
 from openllama.train.checkpoint import load_model, save_model
 from openllama.eval.decode import generate
-from openllama.train.convert.hf import ConversionError, export_hf, import_hf, write_tokenizer
+from openllama.data.tokenizer import write_tokenizer
+from openllama.train.convert.hf import ConversionError, export_hf, import_hf
 from openllama.train.model import Llama, LlamaConfig, init_params
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

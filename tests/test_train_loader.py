@@ -90,7 +90,7 @@ def test_weights_for_no_present_subset_are_refused():
 def test_unfinished_dataset_is_refused(tmp_path):
     from openllama.data.shards import DatasetNotFinished
     from openllama.train.config import load_config
-    from openllama.train.run import open_datasets
+    from openllama.train.trainer import open_datasets
 
     manifest = {"format": "openllama-packed-v1", "finished": False, "seq_len": 128, "shards": []}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))

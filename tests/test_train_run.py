@@ -1,5 +1,6 @@
 """Training end to end on a real packed dataset: in one process, and under Ray Train's JaxTrainer with
-1 and 2 real worker processes (one jax.distributed system over gloo), a killed worker, a resumed run."""
+1 and 2 real worker processes (one jax.distributed system over gloo), a killed worker, a resumed run.
+Faults come from outside the product: a worker SIGKILLed by the test, a train step wrapped by the test."""
 
 from __future__ import annotations
 
@@ -12,10 +13,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import harness
+import jax
 import numpy as np
 import pytest
 
+from openllama.train.checkpoint import RunDir, load_model
 from openllama.train.config import TrainConfig, load_config
+from openllama.train.trainer import NonFiniteLoss, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample" / "redpajama"
@@ -89,27 +94,21 @@ class Finished:
 
     def final_params(self):
         """The newest checkpoint's params on this process's one device (it was saved by 1 or 2 processes)."""
-        from openllama.train.checkpoint import load_model
-        from openllama.train.run import complete_checkpoints
-
-        return load_model(complete_checkpoints(self.config.run_dir)[-1][1])[1]
+        return load_model(RunDir(self.config.run_dir).latest()[1])[1]
 
 
 def train(ray_head, overrides: list[str], tracking_uri: str) -> Finished:
     """`openllama train tiny-cpu OVERRIDES` as a client of the Ray head, as a user runs it."""
-    from openllama.train.run import RUN_ID_FILE
-
     on_cluster(ray_head, sys.executable, "-m", "openllama.cli", "train", "tiny-cpu", *overrides,
                tracking_uri=tracking_uri)
     config = load_config("tiny-cpu", overrides)
-    return Finished(config, (config.run_dir / RUN_ID_FILE).read_text().strip(), tracking_uri)
+    return Finished(config, RunDir(config.run_dir).tracking_run_id(), tracking_uri)
 
 
 @pytest.fixture(scope="module")
 def one_worker(ray_head, base, tmp_path_factory) -> Finished:
     """One worker, submitted with `ray job submit --working-dir . -- openllama train ...`."""
     from openllama.ray_jobs import submit
-    from openllama.train.run import RUN_ID_FILE
 
     out = tmp_path_factory.mktemp("one_worker")
     tracking_uri = f"sqlite:///{out}/mlruns.db"
@@ -118,32 +117,41 @@ def one_worker(ray_head, base, tmp_path_factory) -> Finished:
            env={**os.environ, **ray_head.env}, working_dir=REPO, submission_id=f"train-{out.name}",
            echo=io.StringIO(), log_path=out / "job.log")
     config = load_config("tiny-cpu", overrides)
-    return Finished(config, (config.run_dir / RUN_ID_FILE).read_text().strip(), tracking_uri)
+    return Finished(config, RunDir(config.run_dir).tracking_run_id(), tracking_uri)
 
 
 @pytest.fixture(scope="module")
 def two_workers_killed(ray_head, base, tmp_path_factory, mlflow_server) -> Finished:
-    """dp=2 over 2 worker processes; rank 0 exits hard after step 7 and Ray Train restarts the group."""
+    """dp=2 over 2 worker processes; once the step-5 checkpoint is complete the test SIGKILLs a worker
+    process and Ray Train restarts the group, which resumes from the newest checkpoint."""
     out = tmp_path_factory.mktemp("two_workers")
-    overrides = [*base, f"output_dir={out}", "scaling.num_workers=2", "scaling.max_failures=1",
-                 "fault.kill_at_step=7"]
-    return train(ray_head, overrides, mlflow_server.uri)
+    overrides = [*base, f"output_dir={out}", "scaling.num_workers=2", "scaling.max_failures=1"]
+    env = harness.clean_env(**ray_head.env, MLFLOW_TRACKING_URI=mlflow_server.uri)
+    proc = harness.start([sys.executable, "-m", "openllama.cli", "train", "tiny-cpu", *overrides], env, cwd=REPO)
+    config = load_config("tiny-cpu", overrides)
+    try:
+        harness.wait_for(lambda: RunDir(config.run_dir).latest(), 400, "the step-5 checkpoint", proc)
+        victim = harness.wait_for(lambda: harness.train_workers(ray_head), 30, "the train workers", proc)[0]
+        victim.kill()
+        out_text, err_text = proc.communicate(timeout=500)
+    except BaseException:
+        harness.kill_group(proc)
+        raise
+    assert proc.returncode == 0, out_text[-3000:] + err_text[-3000:]
+    (config.run_dir / "killed_worker").write_text(str(victim.pid))
+    return Finished(config, RunDir(config.run_dir).tracking_run_id(), mlflow_server.uri)
 
 
 @pytest.fixture(scope="module")
 def fsdp_resumed(ray_head, base, one_worker, tmp_path_factory) -> Finished:
     """fsdp=2 over 2 workers, resumed from the 1-worker run's step-5 checkpoint."""
-    from openllama.train.run import step_dir
-
     out = tmp_path_factory.mktemp("fsdp_resumed")
     overrides = [*base, f"output_dir={out}", "scaling.num_workers=2", "mesh.dp=1", "mesh.fsdp=2"]
-    shutil.copytree(step_dir(one_worker.config.run_dir, 5), step_dir(tiny(base, out).run_dir, 5))
+    shutil.copytree(RunDir(one_worker.config.run_dir).step_dir(5), RunDir(tiny(base, out).run_dir).step_dir(5))
     return train(ray_head, overrides, f"sqlite:///{out}/mlruns.db")
 
 
 def assert_same_params(a, b, atol: float) -> None:
-    import jax
-
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol)
 
@@ -151,10 +159,27 @@ def assert_same_params(a, b, atol: float) -> None:
 # --- in one process (the worker loop without Ray) ----------------------------------------------------------
 
 
-def run_in_process(config: TrainConfig) -> dict:
-    from openllama.train.run import Trainer
+def run_in_process(config: TrainConfig, trainer_hook=None) -> dict:
+    trainer = Trainer(config)
+    if trainer_hook is not None:
+        trainer_hook(trainer)
+    return trainer.fit()
 
-    return Trainer(config, None).fit(lambda metrics, checkpoint: None)
+
+def poison_before_step(step: int):
+    """Wrap the trainer's step so that the parameters turn NaN just before step `step` (1-based)."""
+
+    def install(trainer: Trainer) -> None:
+        real_step = trainer.train_step
+
+        def step_with_nan(state, batch):
+            if int(state["step"]) == step - 1:
+                state = {**state, "params": jax.tree.map(lambda x: x * float("nan"), state["params"])}
+            return real_step(state, batch)
+
+        trainer.train_step = step_with_nan
+
+    return install
 
 
 def test_loss_falls_on_the_sample_corpus(base, tmp_path):
@@ -166,19 +191,15 @@ def test_loss_falls_on_the_sample_corpus(base, tmp_path):
 
 
 def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(base, tmp_path):
-    from openllama.train.run import NonFiniteLoss, complete_checkpoints
-
-    config = tiny(base, tmp_path, "checkpoint.every_steps=2", "fault.nan_at_step=3", "tracking.enabled=false",
-                  "eval.every_steps=0")
+    config = tiny(base, tmp_path, "checkpoint.every_steps=2", "tracking.enabled=false", "eval.every_steps=0")
     with pytest.raises(NonFiniteLoss, match=r"step 3: loss=nan .* last good checkpoint"):
-        run_in_process(config)
-    assert [step for step, _ in complete_checkpoints(config.run_dir)] == [2]
+        run_in_process(config, poison_before_step(3))
+    assert [step for step, _ in RunDir(config.run_dir).complete_checkpoints()] == [2]
 
 
 def test_nonfinite_loss_is_skipped_when_configured(base, tmp_path):
-    config = tiny(base, tmp_path, "train.on_nonfinite=skip", "fault.nan_at_step=9", "tracking.enabled=false",
-                  "eval.every_steps=0")
-    assert run_in_process(config)["step"] == STEPS
+    config = tiny(base, tmp_path, "train.on_nonfinite=skip", "tracking.enabled=false", "eval.every_steps=0")
+    assert run_in_process(config, poison_before_step(9))["step"] == STEPS
 
 
 # --- under Ray Train -------------------------------------------------------------------------------------
@@ -192,7 +213,7 @@ def test_two_workers_give_the_same_loss_per_step_as_one(one_worker, two_workers_
 
 
 def test_killed_worker_run_ends_with_the_parameters_of_an_uninterrupted_run(one_worker, two_workers_killed):
-    assert (two_workers_killed.config.run_dir / "fault_killed_at_7").exists()  # the fault did happen
+    assert (two_workers_killed.config.run_dir / "killed_worker").exists()  # the fault did happen
     assert_same_params(two_workers_killed.final_params(), one_worker.final_params(), atol=1e-5)
 
 
@@ -237,8 +258,6 @@ def test_run_records_system_metrics(one_worker):
 
 
 def test_step_checkpoint_is_a_model_checkpoint(one_worker):
-    from openllama.train.checkpoint import load_model
-
     config, params, tokenizer = load_model(one_worker.config.run_dir)
     assert config == one_worker.config.llama()
     assert tokenizer is not None and tokenizer.is_file()
@@ -255,17 +274,16 @@ def test_mlflow_run_has_the_config_and_finishes(one_worker):
 
 
 def test_partial_checkpoint_is_removed_and_never_loaded(base, tmp_path):
-    from openllama.train.run import complete_checkpoints, step_dir
-
     config = tiny(base, tmp_path, "tracking.enabled=false", "eval.every_steps=0")
-    partial = step_dir(config.run_dir, 5).parent / ".step_00000005.tmp"
+    run = RunDir(config.run_dir)
+    partial = run.checkpoints / ".step_00000005.tmp"
     (partial / "params").mkdir(parents=True)
     run_in_process(config)
     assert not partial.exists()
-    assert [step for step, _ in complete_checkpoints(config.run_dir)] == [5, STEPS]
+    assert [step for step, _ in run.complete_checkpoints()] == [5, STEPS]
 
 
 def test_openllama_train_runs_as_a_ray_job(one_worker):
     log = (Path(one_worker.config.output_dir) / "job.log").read_text()
     assert "trained tiny-cpu" in log
-    assert (one_worker.config.run_dir / "checkpoints" / f"step_{STEPS:08d}" / "model.json").is_file()
+    assert RunDir(one_worker.config.run_dir).latest() == (STEPS, RunDir(one_worker.config.run_dir).step_dir(STEPS))

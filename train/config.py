@@ -110,14 +110,6 @@ class DeviceSection:
 
 
 @dataclass
-class FaultSection:
-    """Test-only fault injection."""
-
-    kill_at_step: int | None = None  # the rank-0 worker process exits hard after this step (once per run)
-    nan_at_step: int | None = None  # parameters are poisoned with NaN just before this step
-
-
-@dataclass
 class TrainConfig:
     name: str = "tiny-cpu"
     output_dir: str = "runs"  # the run lives in <output_dir>/<name>: checkpoints, Ray Train state, MLflow id
@@ -131,7 +123,6 @@ class TrainConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
     device: DeviceSection = field(default_factory=DeviceSection)
-    fault: FaultSection = field(default_factory=FaultSection)
 
     @property
     def run_dir(self) -> Path:

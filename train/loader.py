@@ -126,8 +126,3 @@ def local_rows(sharding, global_batch: int) -> np.ndarray:
     index_map = sharding.addressable_devices_indices_map((global_batch,))
     starts = sorted({(idx[0].start or 0, idx[0].stop or global_batch) for idx in index_map.values()})
     return np.concatenate([np.arange(a, b) for a, b in starts])
-
-
-def validation_rows(source: RowSource, subset: str, limit: int) -> np.ndarray:
-    """The first `limit` rows of a validation subset: a fixed held-out set, the same at every evaluation."""
-    return np.arange(min(limit, source.rows(subset)))

@@ -1,8 +1,9 @@
 """LLaMA in Flax, read top to bottom: config and presets, the blocks, the model, the KV cache.
 
 Layout matches Hugging Face's `LlamaForCausalLM` so that conversion is only renaming and transposing:
-rotary embeddings use the rotate-half layout (Meta/EasyLM interleave pairs instead; `hf.py` and
-`easylm.py` permute q/k where needed), RMSNorm runs in float32, there are no biases.
+rotary embeddings use the rotate-half layout (Meta/EasyLM interleave pairs instead; `convert/easylm.py`
+permutes q/k), RMSNorm runs in float32, there are no biases. How the products and attention run on a
+given backend is `kernels.py`'s business; nothing here knows about devices, meshes, Ray or files.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
-from jax.experimental.layout import Layout, with_layout_constraint
+
+from openllama.train import kernels
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-# What the backward pass keeps from the forward; the rest it recomputes. Our products carry their own
-# gradients (see `matmul`), which hides them from jax's checkpoint_dots, so they are saved by name.
+# What the backward pass keeps from the forward; the rest it recomputes. The CPU kernels carry their own
+# gradients, which hides their products from jax's checkpoint_dots, so products are saved by name.
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -48,6 +50,7 @@ class LlamaConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat_policy: str = "none"
+    kernels: str = "auto"  # how matmul and attention run (train/kernels.py); not part of the architecture
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -67,6 +70,8 @@ class LlamaConfig:
                 raise ValueError(f"model.{name}={getattr(self, name)!r}; allowed: {sorted(DTYPES)}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"model.remat_policy={self.remat_policy!r}; allowed: {sorted(REMAT_POLICIES)}")
+        if self.kernels not in kernels.KERNELS:
+            raise ValueError(f"model.kernels={self.kernels!r}; allowed: {list(kernels.KERNELS)}")
 
     @property
     def head_dim(self) -> int:
@@ -108,52 +113,11 @@ PRESETS: dict[str, LlamaConfig] = {
 }
 
 
-def row_major(x: jax.Array) -> jax.Array:
-    """A bfloat16 x laid out row-major in memory on CPU, where XLA would otherwise keep a transpose as a view.
-
-    XLA's CPU backend runs a bfloat16 product on its fast kernels only when both operands are row-major
-    with the contraction on the left operand's last axis; a transposed view makes it fall back to a
-    float32 product about 5x slower. Float32 products read transposed views as they are, and other
-    backends keep choosing their own layouts.
-    """
-    if jax.default_backend() != "cpu" or x.dtype == jnp.float32:
-        return x
-    return with_layout_constraint(x, Layout(tuple(range(x.ndim))))
-
-
-@jax.custom_vjp
-def matmul(rows: jax.Array, kernel: jax.Array) -> jax.Array:
-    """rows [n, in] @ kernel [in, out] in the rows' dtype, accumulated in float32, and so are its gradients.
-
-    Written out for XLA's CPU backend: differentiated the ordinary way, a float32-accumulating bfloat16
-    product gets float32 x float32 gradient products (the incoming gradient is float32), about 5x slower
-    there, and the kernel's gradient reads the rows through a transposed view (see `row_major`).
-    """
-    return jnp.matmul(rows, kernel.astype(rows.dtype), preferred_element_type=jnp.float32).astype(rows.dtype)
-
-
-def _matmul_forward(rows: jax.Array, kernel: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return matmul(rows, kernel), (rows, kernel)
-
-
-def _matmul_backward(saved: tuple[jax.Array, jax.Array], grad: jax.Array) -> tuple[jax.Array, jax.Array]:
-    rows, kernel = saved
-    contract_last = (((1,), (1,)), ((), ()))
-    grad_rows = jax.lax.dot_general(grad, kernel.astype(rows.dtype), contract_last, preferred_element_type=jnp.float32)
-    grad_kernel = jnp.matmul(row_major(rows.T), grad, preferred_element_type=jnp.float32)
-    return grad_rows.astype(rows.dtype), grad_kernel.astype(kernel.dtype)
-
-
-matmul.defvjp(_matmul_forward, _matmul_backward)
-
-
 class Dense(nn.Module):
     """A linear layer without bias over the last axis, kernel (in, out) like `nn.Dense`'s.
 
-    The leading axes are flattened first so that the matmul and both of its gradients are plain 2-D
-    products: on [batch, seq, hidden] XLA's CPU backend transposes the activation gradients in the
-    backward pass, which made the float32 training step 1.3x slower. In bfloat16 the product
-    accumulates in float32 (what TPUs and GPUs do anyway; on CPU the fast bfloat16 kernels need it).
+    The leading axes are flattened first so that the product and both of its gradients are plain 2-D
+    products (on [batch, seq, hidden] XLA's CPU backend transposes the activation gradients).
     """
 
     features: int
@@ -167,7 +131,8 @@ class Dense(nn.Module):
             DTYPES[c.param_dtype],
         )
         rows = x.reshape(-1, x.shape[-1]).astype(DTYPES[c.dtype])
-        return checkpoint_name(matmul(rows, kernel), "projection").reshape(*x.shape[:-1], self.features)
+        out = checkpoint_name(kernels.matmul(rows, kernel, c.kernels), "projection")
+        return out.reshape(*x.shape[:-1], self.features)
 
 
 class RMSNorm(nn.Module):
@@ -200,74 +165,6 @@ def rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Softmax attention of q [batch, seq, heads, head_dim] over k, v [batch, keys, kv_heads, head_dim]
-    where mask [batch or 1, 1, seq, keys] is True, scores and softmax in float32.
-
-    Heads go before positions, and the grouped query heads (GQA) of one kv head become more rows of
-    one product over its keys, so they share them without copies.
-    """
-    batch, seq, heads, head_dim = q.shape
-    kv_heads, keys = k.shape[2], k.shape[1]
-    group = heads // kv_heads
-    q = q.reshape(batch, seq, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
-    q = q.reshape(batch, kv_heads, group * seq, head_dim) * head_dim**-0.5
-    mask = jnp.broadcast_to(mask[:, :, None], (mask.shape[0], 1, group, seq, keys)).reshape(-1, 1, group * seq, keys)
-    q, k, v = row_major(q), row_major(k.transpose(0, 2, 1, 3)), row_major(v.transpose(0, 2, 1, 3))
-    out = checkpoint_name(_attend(q, k, v, mask), "attention")
-    out = out.reshape(batch, kv_heads, group, seq, head_dim).transpose(0, 3, 1, 2, 4)
-    return out.reshape(batch, seq, heads, head_dim)
-
-
-_HEADS = ((0, 1), (0, 1))  # dot_general batch dims of [batch, heads, rows, columns] operands
-
-
-def _scores(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
-    scores = jax.lax.dot_general(q, k, (((3,), (3,)), _HEADS), preferred_element_type=jnp.float32)
-    return jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-
-
-@jax.custom_vjp
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """softmax(q k^T where mask) v for q [b, h, rows, d], k and v [b, h, keys, d]: the math of
-    FlashAttention without its tiling. The output is normalized after the product with v (rows x d, not
-    rows x keys), and the backward pass recomputes the probabilities from the saved log-sum-exp, with
-    every product in a form XLA's fast CPU kernels take. The bfloat16 training step ran 1.13x faster
-    than with the softmax differentiated by JAX; float32 ran at the same speed."""
-    return _attend_forward(q, k, v, mask)[0]
-
-
-def _attend_forward(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> tuple[jax.Array, tuple]:
-    scores = _scores(q, k, mask)
-    top = scores.max(axis=-1, keepdims=True)
-    weights = jnp.exp(scores - top)
-    total = weights.sum(axis=-1, keepdims=True)
-    out = jax.lax.dot_general(weights.astype(v.dtype), v, (((3,), (2,)), _HEADS), preferred_element_type=jnp.float32)
-    out = (out / total).astype(q.dtype)
-    return out, (q, k, v, mask, out, top + jnp.log(total))
-
-
-def _attend_backward(saved: tuple, grad_out: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, None]:
-    q, k, v, mask, out, log_total = saved
-    dtype = q.dtype
-    probs = jnp.exp(_scores(q, k, mask) - log_total)
-    grad_v = jax.lax.dot_general(
-        row_major(probs.astype(dtype).swapaxes(2, 3)), grad_out, (((3,), (2,)), _HEADS),
-        preferred_element_type=jnp.float32,
-    )
-    grad_probs = jax.lax.dot_general(grad_out, v, (((3,), (3,)), _HEADS), preferred_element_type=jnp.float32)
-    row_dot = jnp.sum(grad_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    grad_scores = (probs * (grad_probs - row_dot)).astype(dtype)
-    grad_q = jax.lax.dot_general(grad_scores, k, (((3,), (2,)), _HEADS), preferred_element_type=jnp.float32)
-    grad_k = jax.lax.dot_general(
-        row_major(grad_scores.swapaxes(2, 3)), q, (((3,), (2,)), _HEADS), preferred_element_type=jnp.float32
-    )
-    return grad_q.astype(dtype), grad_k.astype(dtype), grad_v.astype(dtype), None
-
-
-_attend.defvjp(_attend_forward, _attend_backward)
-
-
 class Attention(nn.Module):
     config: LlamaConfig
 
@@ -284,7 +181,8 @@ class Attention(nn.Module):
         k = rotary(k.reshape(batch, seq, c.num_key_value_heads, c.head_dim), *rope)
         v = v.reshape(batch, seq, c.num_key_value_heads, c.head_dim)
         if cache is None:
-            out = attention(q, k, v, jnp.tril(jnp.ones((seq, seq), bool))[None, None] if mask is None else mask)
+            causal = jnp.tril(jnp.ones((seq, seq), bool))[None, None]
+            out = kernels.attention(q, k, v, causal if mask is None else mask, c.kernels)
         else:
             index = cache["index"]
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
@@ -293,7 +191,7 @@ class Attention(nn.Module):
             key_pos = jnp.arange(k.shape[1])
             query_pos = index + jnp.arange(seq)
             mask = (key_pos[None, :] <= query_pos[:, None])[None, None]
-            out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+            out = kernels.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, c.kernels)
         out = out.reshape(batch, seq, c.num_attention_heads * c.head_dim)
         return Dense(c.hidden_size, c, name="o_proj")(out), cache
 

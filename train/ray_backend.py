@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 def _initialize_cpu_distributed(coordinator: str, num_processes: int, process_id: int) -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
-    import jax
+    import jax  # after JAX_PLATFORMS is set: JAX reads it when first imported in this worker
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator, num_processes, process_id)

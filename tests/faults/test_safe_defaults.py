@@ -22,7 +22,8 @@ def run_with_credentials(packed, mlflow_server, tmp_path_factory):
     """A 2-step training run whose tracking URI carries a password (`http://alice:PASSWORD@host`), driven
     like `openllama train` drives it (MLflow run opened, trained, finished with its artifacts), minus Ray."""
     from openllama.train.config import load_config
-    from openllama.train.run import Trainer, finish_tracking_run, open_tracking_run
+    from openllama.train.launch import TrackingHook, finish_tracking_run, open_tracking_run
+    from openllama.train.trainer import Trainer
 
     out = tmp_path_factory.mktemp("credentials")
     uri = mlflow_server.uri.replace("http://", f"http://alice:{SECRET}@")
@@ -39,7 +40,7 @@ def run_with_credentials(packed, mlflow_server, tmp_path_factory):
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         try:
             run_id = open_tracking_run(config)
-            Trainer(config, run_id).fit(lambda metrics, checkpoint: None)
+            Trainer(config, [TrackingHook(run_id, config)]).fit()
             finish_tracking_run(config, run_id, succeeded=True)
         finally:
             root.removeHandler(handler)

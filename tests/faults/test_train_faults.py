@@ -3,7 +3,6 @@ checkpoint save, the MLflow server stopped and started again, a loss that diverg
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -11,11 +10,10 @@ import threading
 import time
 from pathlib import Path
 
+import harness as faults
 import numpy as np
 import psutil
 import pytest
-
-import harness as faults
 
 pytestmark = pytest.mark.faults
 
@@ -26,9 +24,9 @@ TINY = [f"train.steps={STEPS}", "train.seq_len=32", "train.global_batch_size=8",
         "optimizer.warmup_steps=2", "checkpoint.every_steps=2", "checkpoint.keep=2", "eval.every_steps=0",
         "device.peak_flops=1e11"]
 TRAIN_IN_PROCESS = (
-    "import logging, sys; from openllama.train.config import load_config; from openllama.train.run import Trainer; "
-    "logging.basicConfig(level=logging.INFO); "
-    "Trainer(load_config('tiny-cpu', sys.argv[1:]), None).fit(lambda metrics, checkpoint: None)"
+    "import logging, sys; from openllama.train.config import load_config; "
+    "from openllama.train.trainer import Trainer; logging.basicConfig(level=logging.INFO); "
+    "Trainer(load_config('tiny-cpu', sys.argv[1:])).fit()"
 )
 
 
@@ -56,19 +54,19 @@ def assert_same_params(a, b) -> None:
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
-    from openllama.train.run import complete_checkpoints
+    from openllama.train.checkpoint import RunDir
 
-    return [step for step, _ in complete_checkpoints(run_dir)]
+    return [step for step, _ in RunDir(run_dir).complete_checkpoints()]
 
 
 @pytest.fixture(scope="module")
 def baseline(packed, tmp_path_factory) -> dict:
     """The uninterrupted run, in this process (no Ray): final loss, parameters and wall time."""
-    from openllama.train.run import Trainer
+    from openllama.train.trainer import Trainer
 
     cfg = config(packed, tmp_path_factory.mktemp("baseline"), "tracking.enabled=false")
     started = time.perf_counter()
-    result = Trainer(cfg, None).fit(lambda metrics, checkpoint: None)
+    result = Trainer(cfg).fit()
     return {"loss": result["loss"], "params": final_params(cfg.run_dir), "seconds": time.perf_counter() - started}
 
 
@@ -84,20 +82,6 @@ def loss_history(tracking_uri: str, run_id: str) -> dict[int, list[float]]:
 # --- a Ray Train worker SIGKILLed ---------------------------------------------------------------------------
 
 
-def train_workers(ray_head) -> list[psutil.Process]:
-    """Ray Train worker processes of the session's head (children of its raylet, in sessions of their own)."""
-    head = set(ray_head.pids())
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        try:
-            if "RayTrainWorker" in " ".join(process.info["cmdline"] or []) and \
-                    any(parent.pid in head for parent in process.parents()):
-                found.append(process)
-        except psutil.Error:
-            continue
-    return found
-
-
 @pytest.fixture(scope="module")
 def worker_killed(packed, ray_head, tmp_path_factory) -> dict:
     """`openllama train` on the session's Ray head (FailureConfig max_failures=1); once the step-2 checkpoint
@@ -111,7 +95,7 @@ def worker_killed(packed, ray_head, tmp_path_factory) -> dict:
     try:
         faults.wait_for(lambda: (run_dir / "checkpoints" / "step_00000002" / "state.json").is_file(), 400,
                         "the step-2 checkpoint", proc)
-        (victim,) = faults.wait_for(lambda: train_workers(ray_head), 30, "the train worker process", proc)
+        (victim,) = faults.wait_for(lambda: faults.train_workers(ray_head), 30, "the train worker process", proc)
         victim.send_signal(signal.SIGKILL)
         killed_at = time.perf_counter()
         resume_step = checkpoint_steps(run_dir)[-1]
@@ -191,7 +175,8 @@ def test_a_save_cut_short_by_sigkill_is_ignored_and_removed_on_resume(packed, ba
 def test_training_continues_while_mlflow_is_down_and_every_step_reaches_it(packed, mlflow_server, tmp_path,
                                                                           monkeypatch, fault_report):
     from openllama import tracking
-    from openllama.train.run import Trainer
+    from openllama.train.launch import TrackingHook
+    from openllama.train.trainer import Hook, Trainer
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     cfg = config(packed, tmp_path)
@@ -203,14 +188,15 @@ def test_training_continues_while_mlflow_is_down_and_every_step_reaches_it(packe
         mlflow_server.start()
         outage["restarted"] = time.perf_counter()
 
-    def report(metrics: dict, checkpoint) -> None:
-        if metrics["step"] == 2:
-            mlflow_server.stop()
-            outage["stopped"] = time.perf_counter()
-            threading.Thread(target=restart, daemon=True).start()
+    class StopServerAfterStep2(Hook):
+        def on_checkpoint(self, step: int, path: Path, metrics: dict) -> None:
+            if step == 2:
+                mlflow_server.stop()
+                outage["stopped"] = time.perf_counter()
+                threading.Thread(target=restart, daemon=True).start()
 
     try:
-        result = Trainer(cfg, run_id).fit(report)
+        result = Trainer(cfg, [TrackingHook(run_id, cfg), StopServerAfterStep2()]).fit()
     finally:
         if not mlflow_server.pids():
             mlflow_server.start()
@@ -231,19 +217,25 @@ def test_training_continues_while_mlflow_is_down_and_every_step_reaches_it(packe
 
 def test_a_loss_diverging_to_nan_stops_the_run_and_keeps_the_last_good_checkpoint(packed, tmp_path, fault_report):
     """No injection hook: a learning rate of 1e9 makes the second step's loss non-finite by itself."""
-    from openllama.train.run import NonFiniteLoss, Trainer
+    from openllama.train.trainer import Hook, NonFiniteLoss, Trainer
 
     cfg = config(packed, tmp_path, "optimizer.peak_lr=1e9", "optimizer.warmup_steps=0", "checkpoint.every_steps=1",
                  "tracking.enabled=false")
     logged: list[dict] = []
+
+    class Checkpoints(Hook):
+        def on_checkpoint(self, step: int, path: Path, metrics: dict) -> None:
+            logged.append(metrics)
+
     started = time.perf_counter()
     with pytest.raises(NonFiniteLoss, match=r"step \d+: loss=\S+ .*is not finite.*last good checkpoint") as error:
-        Trainer(cfg, None).fit(lambda metrics, checkpoint: logged.append(metrics))
+        Trainer(cfg, [Checkpoints()]).fit()
     bad_step = int(str(error.value).split()[1].rstrip(":"))
     assert checkpoint_steps(cfg.run_dir)[-1] == bad_step - 1
     assert all(np.isfinite(m["loss"]) for m in logged)
-    state = json.loads((cfg.run_dir / "checkpoints" / f"step_{bad_step - 1:08d}" / "state.json").read_text())
-    assert state["step"] == bad_step - 1
+    from openllama.train.checkpoint import RunDir, checkpoint_step
+
+    assert checkpoint_step(RunDir(cfg.run_dir).step_dir(bad_step - 1)) == bad_step - 1
     fault_report.fault = "loss diverges to NaN/Inf (lr 1e9)"
     fault_report.happened = f"NonFiniteLoss at step {bad_step}; newest checkpoint is step {bad_step - 1} (finite)"
     fault_report.lost = "0 good steps"

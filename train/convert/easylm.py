@@ -17,6 +17,7 @@ import dataclasses
 import re
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
@@ -24,6 +25,8 @@ import numpy as np
 from flax.serialization import msgpack_restore
 from tqdm import tqdm
 
+from openllama import commands
+from openllama.config import add_config_arguments, from_arguments
 from openllama.train import checkpoint
 from openllama.train.convert.hf import ConversionError, check_params, expected_shapes, set_path, unify_dtype
 from openllama.train.model import PRESETS, LlamaConfig
@@ -151,17 +154,29 @@ def import_easylm(spec: str, ckpt: str | Path, preset: str, tokenizer: str | Pat
     return checkpoint.save_model(ckpt, params, config, tokenizer)
 
 
+@dataclass
+class ImportEasylmConfig:
+    """`openllama import-easylm`: an EasyLM checkpoint into one of ours."""
+
+    file: str  # the checkpoint, optionally as LOAD_TYPE::FILE (params::, trainstate_params::, trainstate::)
+    checkpoint: str  # new checkpoint directory
+    preset: str  # the architecture, one of the model presets
+    tokenizer: str | None = None  # tokenizer.model to keep with the weights
+
+
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="openllama import-easylm", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="openllama import-easylm", description=__doc__.split("\n\n")[0],
+                                     epilog=commands.EXIT_CODES)
     parser.add_argument("file", help="streaming checkpoint, optionally as params::FILE or trainstate_params::FILE")
-    parser.add_argument("ckpt", help="new checkpoint directory")
-    parser.add_argument("--preset", required=True, help=f"architecture: one of {sorted(PRESETS)}")
+    parser.add_argument("checkpoint", help="new checkpoint directory")
+    parser.add_argument("--preset", help=f"architecture: one of {sorted(PRESETS)}")
     parser.add_argument("--tokenizer", help="tokenizer.model to keep with the weights")
+    add_config_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        out = import_easylm(args.file, args.ckpt, args.preset, args.tokenizer)
-    except (ConversionError, FileExistsError) as error:
-        print(f"openllama import-easylm: {error}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}")
-    return 0
+
+    def work() -> int:
+        config = from_arguments(ImportEasylmConfig, args)
+        print(f"wrote {import_easylm(config.file, config.checkpoint, config.preset, config.tokenizer)}")
+        return 0
+
+    return commands.run("openllama import-easylm", work)

@@ -26,6 +26,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from openllama.commands import BadInput
+from openllama.data.tokenizer import load_for_model, write_tokenizer
 from openllama.train import checkpoint
 from openllama.train.model import DTYPES, LlamaConfig
 
@@ -174,82 +176,6 @@ def config_from_hf(hf: dict, source: str) -> LlamaConfig:
         raise ConversionError(f"{source}: required field {missing.args[0]} is missing") from None
 
 
-# --- tokenizer ---------------------------------------------------------------------------------
-
-
-def sentencepiece_tokenizer_json(sp_model: str | Path) -> Any:
-    """A `tokenizers.Tokenizer` that encodes and decodes exactly like the SentencePiece BPE model.
-
-    SentencePiece prepends one "▁" (dummy prefix) to every text, even one that starts with a space, then
-    turns spaces into "▁" and merges symbol pairs by the score of the merged piece. Prepend + Replace
-    normalizers do the first part without Metaspace's skip-if-already-"▁" rule; BPE merges ranked by
-    the merged piece's score do the second.
-    """
-    from sentencepiece import sentencepiece_model_pb2
-    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
-    from tokenizers.models import BPE
-
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(Path(sp_model).read_bytes())
-    if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
-        raise ConversionError(f"{sp_model}: only SentencePiece BPE models (LLaMA's kind) can be exported")
-    spec = proto.normalizer_spec
-    if spec.precompiled_charsmap or spec.remove_extra_whitespaces or not spec.add_dummy_prefix:
-        raise ConversionError(
-            f"{sp_model}: normalizer_spec must be LLaMA's (identity, keep whitespace, dummy prefix)"
-        )
-    vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
-    normal = {p.piece: (p.score, i) for i, p in enumerate(proto.pieces) if p.type == p.NORMAL}
-    ranked = []
-    for piece, (score, piece_id) in normal.items():
-        for cut in range(1, len(piece)):
-            left, right = piece[:cut], piece[cut:]
-            if left in normal and right in normal:
-                ranked.append((-score, piece_id, cut, left, right))
-    merges = [(left, right) for *_, left, right in sorted(ranked)]
-    unk = proto.pieces[proto.trainer_spec.unk_id].piece
-    tokenizer = Tokenizer(
-        BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=proto.trainer_spec.byte_fallback)
-    )
-    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tokenizer.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
-    specials = [p.piece for p in proto.pieces if p.type in (p.UNKNOWN, p.CONTROL)]
-    tokenizer.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
-    bos = proto.pieces[proto.trainer_spec.bos_id].piece
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, proto.trainer_spec.bos_id)]
-    )
-    return tokenizer
-
-
-def write_tokenizer(sp_model: str | Path, out_dir: Path, max_length: int) -> None:
-    """tokenizer.model, an exact tokenizer.json and a tokenizer_config.json that adds BOS, not EOS.
-
-    tokenizer_class is TokenizersBackend so AutoTokenizer loads tokenizer.json as written;
-    `LlamaTokenizer` would rebuild the pre-tokenizer and lose the leading-space fix.
-    """
-    import sentencepiece as spm
-
-    shutil.copyfile(sp_model, out_dir / "tokenizer.model")
-    sentencepiece_tokenizer_json(sp_model).save(str(out_dir / "tokenizer.json"))
-    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
-    config = {
-        "tokenizer_class": "TokenizersBackend",
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "bos_token": sp.id_to_piece(sp.bos_id()),
-        "eos_token": sp.id_to_piece(sp.eos_id()),
-        "unk_token": sp.id_to_piece(sp.unk_id()),
-        "clean_up_tokenization_spaces": False,
-        "legacy": False,
-        "model_max_length": max_length,
-        "padding_side": "left",
-    }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-
-
 # --- export ------------------------------------------------------------------------------------
 
 
@@ -286,16 +212,10 @@ def _new_dir_atomically(out_dir: Path) -> Path:
 
 
 def _check_tokenizer_fits(tokenizer: str | Path, config: LlamaConfig) -> None:
-    import sentencepiece as spm
-
-    if not Path(tokenizer).is_file():
-        raise FileNotFoundError(f"tokenizer {tokenizer} does not exist")
-    pieces = spm.SentencePieceProcessor(model_file=str(tokenizer)).vocab_size()
-    if pieces > config.vocab_size:
-        raise ConversionError(
-            f"tokenizer {tokenizer} has {pieces} pieces but the model's vocab_size is {config.vocab_size}; "
-            "pass the tokenizer the model was trained with (--tokenizer)"
-        )
+    try:
+        load_for_model(tokenizer, config.vocab_size, config.bos_token_id, config.eos_token_id)
+    except BadInput as error:  # reported like every other refusal of a conversion
+        raise ConversionError(str(error)) from None
 
 
 def export_hf(

@@ -1,0 +1,240 @@
+"""`openllama train CONFIG [key=value ...]`: pretraining under Ray Train's JaxTrainer.
+
+The driver (this process) validates the config, builds the tiny dataset when asked, opens the MLflow run
+and starts N workers; each worker is one process of one `jax.distributed` system (`ray_backend.py`) and
+runs `trainer.Trainer` with two hooks: Ray Train's reports and, on process 0, MLflow's metrics. Rerunning
+the same command resumes the run from its newest complete checkpoint (see `checkpoint.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+from openllama import commands, ray_jobs, tracking
+from openllama.config import build, redact_tree, to_dict
+from openllama.data import tokenize, tokenizer
+from openllama.data.shards import DatasetNotFinished, PackedDataset
+from openllama.train.checkpoint import MODEL_JSON, TOKENIZER, RunDir
+from openllama.train.config import TrainConfig, load_config, validate
+from openllama.train.trainer import Hook, Trainer
+
+log = logging.getLogger("openllama.train")
+
+
+class TrackingHook(Hook):
+    """Per-step metrics and system metrics into the run's MLflow record (process 0 only).
+
+    Steps MLflow already has (logged by an attempt that crashed) are skipped, so each step is there once;
+    while the server is down metrics wait in memory and training goes on.
+    """
+
+    def __init__(self, run_id: str, config: TrainConfig):
+        self.run_id = run_id
+        self.config = config
+        self.logger: tracking.MetricsLogger | None = None
+        self.system: SystemMetricsMonitor | None = None
+
+    def on_start(self, step: int) -> None:
+        self.logger = tracking.MetricsLogger.resume(self.run_id, flush_every=self.config.train.log_every)
+        every = self.config.tracking.system_metrics_every_s
+        if every > 0:  # sampled by a background thread of MLflow's
+            self.system = SystemMetricsMonitor(self.run_id, resume_logging=step > 0, sampling_interval=every)
+            self.system.start()
+
+    def after_step(self, step: int, metrics: dict[str, float]) -> None:
+        self.logger.log(step, metrics)
+
+    def on_checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
+        self.logger.flush(retries=1)
+
+    def on_finish(self, result: dict[str, float] | None, error: BaseException | None) -> None:
+        if self.logger is not None:  # the last metrics: after success, wait up to ~5 minutes for a server that is down
+            self.logger.flush(retries=30 if error is None else 2, wait_s=10.0)
+        if self.system is not None:
+            self.system.finish()
+
+
+class RayReportHook(Hook):
+    """Each checkpoint reported to Ray Train (every worker reports; process 0 names the folder)."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def on_checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
+        # only ever called inside a Ray Train worker, where Ray is already set up
+        import ray.train
+        from ray.train.v2.api.report_config import CheckpointUploadMode
+
+        checkpoint = ray.train.Checkpoint.from_directory(str(path)) if self.rank == 0 else None
+        ray.train.report({"step": step, "loss": metrics["loss"]}, checkpoint=checkpoint,
+                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+
+
+def train_loop(loop_config: dict) -> None:
+    """The per-worker function JaxTrainer runs (jax.distributed is already initialized by the backend)."""
+    import jax  # after the backend set JAX_PLATFORMS for this worker
+
+    commands.quiet_libraries()
+    if loop_config.get("tracking_uri"):
+        os.environ["MLFLOW_TRACKING_URI"] = loop_config["tracking_uri"]
+    # MetricsLogger keeps what fails to send and retries at its next flush; MLflow's own HTTP retries (7, with
+    # backoff: about 4 minutes against a server that is down) would stall the training loop instead.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    config = build(TrainConfig, loop_config["config"])
+    rank = jax.process_index()
+    hooks: list[Hook] = [RayReportHook(rank)]
+    if rank == 0 and loop_config.get("tracking_run_id"):
+        hooks.insert(0, TrackingHook(loop_config["tracking_run_id"], config))
+    Trainer(config, hooks).fit()
+
+
+def ensure_dataset(config: TrainConfig) -> None:
+    """Build the packed dataset named by data.path from data.build_from when it is missing (tiny runs).
+
+    Both steps reuse finished work, so an interrupted build is completed by running the command again.
+    """
+    try:
+        PackedDataset.open(config.data.path)
+        return
+    except (FileNotFoundError, DatasetNotFinished):
+        if not config.data.build_from:
+            raise
+    out = Path(config.data.path)
+    log.info("building %s from %s (data.build_from)", out, config.data.build_from)
+    model = Path(config.data.tokenizer) if config.data.tokenizer else None
+    if model is None or not model.is_file():
+        model = tokenizer.train_tokenizer([config.data.build_from], out.parent / f"{out.name}-tokenizer",
+                                          vocab_size=config.llama().vocab_size)
+    tokenize.tokenize_dataset([config.data.build_from], str(model), str(out), seq_len=config.train.seq_len)
+
+
+def open_tracking_run(config: TrainConfig) -> str | None:
+    """The MLflow run of this training run: reused from the run dir on resume, else created (None if down)."""
+    if not config.tracking.enabled:
+        return None
+    run = RunDir(config.run_dir)
+    recorded = run.tracking_run_id()
+    if recorded:
+        return recorded
+    try:
+        run_id = tracking.start_run(config.tracking.experiment, run_name=config.name,
+                                    tags={"openllama.stage": "train"}, params=to_dict(config))
+    except Exception as error:  # a tracking server that is down must not stop training
+        log.warning("MLflow unreachable (%s); training without tracking", error)
+        return None
+    run.record_tracking_run(run_id)
+    return run_id
+
+
+def finish_tracking_run(config: TrainConfig, run_id: str | None, succeeded: bool) -> None:
+    """The run's config, its final checkpoint's location, model config and tokenizer, and its status."""
+    if run_id is None:
+        return
+    try:
+        client = tracking.client()
+        config_file = config.run_dir / "train_config.json"
+        config_file.write_text(json.dumps(redact_tree(to_dict(config)), indent=2))
+        client.log_artifact(run_id, str(config_file), "config")
+        latest = RunDir(config.run_dir).latest()
+        if succeeded and latest:
+            checkpoint = latest[1]
+            client.set_tag(run_id, "checkpoint", str(checkpoint))
+            client.log_artifact(run_id, str(checkpoint / MODEL_JSON), "checkpoint")
+            if (checkpoint / TOKENIZER).is_file():
+                client.log_artifact(run_id, str(checkpoint / TOKENIZER), "tokenizer")
+        client.set_terminated(run_id, "FINISHED" if succeeded else "FAILED")
+    except Exception as error:
+        log.warning("MLflow: could not record the end of run %s (%s)", run_id, error)
+
+
+def absolute_paths(config: TrainConfig) -> TrainConfig:
+    """The config with local paths made absolute: workers do not run in the driver's directory."""
+
+    def absolute(path: str | None) -> str | None:
+        return path if path is None or "://" in path else str(Path(path).absolute())
+
+    data = dataclasses.replace(config.data, path=absolute(config.data.path),
+                               tokenizer=absolute(config.data.tokenizer), build_from=absolute(config.data.build_from))
+    device = dataclasses.replace(config.device, compilation_cache_dir=absolute(config.device.compilation_cache_dir))
+    return dataclasses.replace(config, output_dir=absolute(config.output_dir), data=data, device=device)
+
+
+def fit(config: TrainConfig, address: str | None = None):
+    """Run training under JaxTrainer on the Ray cluster at `address` (or RAY_ADDRESS, else in-process).
+
+    Returns Ray Train's Result; raises the training error (after recording it in MLflow) on failure.
+    """
+    validate(config)
+    config = absolute_paths(config)
+    ray_jobs.connect(address)
+    # imported after `connect`, which decides how Ray binds before `ray` is first imported
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.v2.jax import JaxTrainer
+
+    from openllama.train.ray_backend import JaxConfigWithCpu
+
+    s = config.scaling
+    resources = None if (s.use_tpu or s.use_gpu) else {"CPU": s.cpus_per_worker}
+    scaling = ScalingConfig(
+        num_workers=s.num_workers, use_tpu=s.use_tpu, use_gpu=s.use_gpu, topology=s.topology,
+        accelerator_type=s.accelerator_type, resources_per_worker=resources,
+    )
+    run_id = open_tracking_run(config)
+    trainer = JaxTrainer(
+        train_loop,
+        train_loop_config={"config": to_dict(config), "tracking_run_id": run_id,
+                           "tracking_uri": config.tracking.uri or tracking.tracking_uri()},
+        jax_config=JaxConfigWithCpu(use_tpu=s.use_tpu, use_gpu=s.use_gpu),
+        scaling_config=scaling,
+        run_config=RunConfig(
+            name=config.name, storage_path=str(config.run_dir.parent),
+            failure_config=FailureConfig(max_failures=s.max_failures),
+        ),
+    )
+    result = None
+    try:
+        result = trainer.fit()
+    finally:
+        finish_tracking_run(config, run_id, succeeded=result is not None and result.error is None)
+    return result
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="openllama train",
+        description="Pretrain LLaMA under Ray Train's JaxTrainer. Rerunning the same command resumes the run.",
+        epilog=commands.EXIT_CODES,
+    )
+    parser.add_argument("config", help="a YAML file or a preset name: tiny-cpu, openllama-3b, openllama-7b, ...")
+    parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. train.steps=100 scaling.num_workers=2")
+    parser.add_argument("--address", help="Ray cluster (GCS) address, e.g. 127.0.0.1:6379 (default: RAY_ADDRESS, "
+                                          "else an in-process Ray)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = parser.parse_args(argv)
+    commands.quiet_libraries()
+
+    def work() -> int:
+        config = load_config(args.config, args.overrides)
+        if config.tracking.uri:
+            os.environ["MLFLOW_TRACKING_URI"] = config.tracking.uri
+        if args.print_config:
+            print(json.dumps(to_dict(config), indent=2))
+            return 0
+        ray_jobs.connect(args.address)
+        ensure_dataset(config)
+        try:
+            result = fit(config, args.address)
+        except Exception as error:
+            raise commands.WorkFailed(f"{config.name} failed: {error}") from error
+        print(f"trained {config.name}: {result.metrics} checkpoints in {RunDir(config.run_dir).checkpoints}")
+        return 0
+
+    return commands.run("openllama train", work)

@@ -1,0 +1,261 @@
+"""The worker loop: what each process of one `jax.distributed` system does for a run, Ray or not.
+
+`Trainer(config, hooks).fit()` builds the mesh, the jitted steps and the batch plan, resumes from the
+newest complete checkpoint of the run directory (whatever number of processes wrote it) and trains to
+`train.steps`. Everything that is not training attaches as a `Hook` (MLflow metrics, Ray Train reports,
+and in the tests, faults), so the loop itself has one job.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from openllama.commands import WorkFailed
+from openllama.config import ConfigError
+from openllama.data.shards import PackedDataset
+from openllama.train import sharding, step
+from openllama.train.checkpoint import RunDir, restore_step, save_step
+from openllama.train.config import TrainConfig, mesh_shape, validate
+from openllama.train.heldout import heldout_metrics
+from openllama.train.loader import GlobalBatches, local_rows
+from openllama.train.model import init_params
+
+log = logging.getLogger("openllama.train")
+
+# Dense peak FLOP/s per device (bf16) for MFU; CPUs are measured instead.
+PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
+    "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12,
+}
+
+
+class NonFiniteLoss(WorkFailed):
+    """The loss or gradient norm became NaN/Inf and train.on_nonfinite is `stop`."""
+
+
+class Hook:
+    """Something that watches the loop; every method is called by every process, in loop order."""
+
+    def on_start(self, step: int) -> None:
+        """Before the first step of this attempt (`step` > 0 when resuming)."""
+
+    def after_step(self, step: int, metrics: dict[str, float]) -> None:
+        """After step `step` (1-based: the number of updates done) with its metrics."""
+
+    def on_checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
+        """After the checkpoint of `step` is complete on every process."""
+
+    def on_finish(self, result: dict[str, float] | None, error: BaseException | None) -> None:
+        """At the end of this attempt: the final result, or the error that ended it."""
+
+
+def peak_flops_per_device(config: TrainConfig) -> float:
+    """Declared peak of this device kind, the config's value, or (CPU) a float32 matmul measured now."""
+    if config.device.peak_flops:
+        return config.device.peak_flops
+    kind = jax.devices()[0].device_kind
+    for name, flops in PEAK_FLOPS.items():
+        if kind.startswith(name):
+            return flops
+    n = 1024
+    a = jnp.ones((n, n), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    start, reps = time.perf_counter(), 5
+    for _ in range(reps):
+        out = matmul(a)
+    out.block_until_ready()
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def open_datasets(config: TrainConfig) -> tuple[PackedDataset, PackedDataset | None]:
+    """(train, validation or None) packed datasets; an unfinished dataset is refused by the reader."""
+    train = PackedDataset.open(config.data.path, split="train")
+    if train.seq_len != config.train.seq_len:
+        raise ConfigError(
+            f"train.seq_len={config.train.seq_len} but the dataset {config.data.path} was packed with "
+            f"seq_len={train.seq_len}; set train.seq_len={train.seq_len} or repack the data"
+        )
+    try:
+        validation = PackedDataset.open(config.data.path, split="validation")
+    except ValueError:
+        log.warning("%s has no validation split; held-out perplexity is skipped", config.data.path)
+        validation = None
+    return train, validation
+
+
+def tokenizer_path(config: TrainConfig, manifest: dict) -> Path | None:
+    """data.tokenizer, else the tokenizer the dataset's manifest names, when the file is there."""
+    path = config.data.tokenizer or manifest.get("tokenizer", {}).get("path")
+    return Path(path) if path and Path(path).is_file() else None
+
+
+class Trainer:
+    """Everything one worker process holds for a run: mesh, jitted steps, data plan, hooks."""
+
+    def __init__(self, config: TrainConfig, hooks: Sequence[Hook] = ()):
+        if config.compilation_cache_dir is not None:  # a restarted worker then skips recompiling its step
+            jax.config.update("jax_compilation_cache_dir", str(config.compilation_cache_dir))
+        self.config = config
+        self.hooks = list(hooks)
+        self.llama = config.llama()
+        self.run = RunDir(config.run_dir)
+        self.rank = jax.process_index()
+        validate(config, jax.device_count())
+        self.mesh = sharding.make_mesh(mesh_shape(config, jax.device_count()))
+        self.batch_sharding = sharding.batch_sharding(self.mesh)
+        train_data, self.validation = open_datasets(config)
+        self.batches = GlobalBatches(train_data, config.train.global_batch_size, config.train.seed,
+                                     config.data.weights)
+        self.local_rows = local_rows(self.batch_sharding, config.train.global_batch_size)
+        self.tokenizer = tokenizer_path(config, train_data.manifest)
+
+        o = config.optimizer
+        self.schedule = step.learning_rate(o.peak_lr, o.end_lr, o.warmup_steps, config.decay_steps())
+        optimizer = step.make_optimizer(
+            self.schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, clip_norm=o.clip_norm,
+            decay_embeddings=o.decay_embeddings,
+        )
+        params_shape = jax.eval_shape(lambda: init_params(self.llama, config.train.seed))
+        param_shardings = sharding.param_shardings(params_shape, self.mesh)
+        opt_shape = jax.eval_shape(optimizer.init, params_shape)
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        self.state_shardings = {
+            "params": param_shardings,
+            "opt_state": sharding.state_shardings(opt_shape, params_shape, self.mesh),
+            "step": replicated,
+        }
+        self.abstract_state = jax.tree.map(
+            lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+            {"params": params_shape, "opt_state": opt_shape, "step": jax.ShapeDtypeStruct((), np.int32)},
+            self.state_shardings,
+        )
+
+        def fresh_state() -> dict:
+            params = init_params(self.llama, config.train.seed)
+            return {"params": params, "opt_state": optimizer.init(params), "step": np.int32(0)}
+
+        self.init_state = jax.jit(fresh_state, out_shardings=self.state_shardings)
+        train_step = step.make_train_step(
+            self.llama, optimizer, self.schedule, config.train.micro_batches,
+            skip_nonfinite=config.train.on_nonfinite == "skip", batch_sharding=self.batch_sharding,
+        )
+        self.train_step = jax.jit(
+            train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, replicated), donate_argnums=0,
+        )
+        self.eval_step = jax.jit(
+            step.make_eval_step(self.llama), in_shardings=(param_shardings, self.batch_sharding,
+                                                             self.batch_sharding),
+            out_shardings=replicated,
+        )
+        self.peak_flops = peak_flops_per_device(config) * jax.device_count()
+        self.flops_per_step = self.llama.flops_per_token(config.train.seq_len) * self.tokens_per_step
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.config.train.global_batch_size * self.config.train.seq_len
+
+    def global_array(self, local: np.ndarray, global_shape: tuple[int, ...]) -> jax.Array:
+        """This process's rows of a global batch as one array sharded over the mesh's batch axes."""
+        return jax.make_array_from_process_local_data(self.batch_sharding, local, global_shape)
+
+    def start(self) -> dict:
+        """A fresh train state, or the newest complete checkpoint's (any worker count wrote it)."""
+        if self.rank == 0:
+            for path in self.run.remove_partial_checkpoints():
+                log.warning("removing partial checkpoint %s (a save that did not finish)", path)
+        multihost_utils.sync_global_devices("partial checkpoints removed")
+        latest = self.run.latest()
+        if latest is None:
+            return self.init_state()
+        step_number, path = latest
+        log.info("resuming from %s (step %d)", path, step_number)
+        state, _ = restore_step(path, self.abstract_state)
+        state["step"] = jax.device_put(np.int32(step_number), self.state_shardings["step"])
+        return state
+
+    def evaluate(self, params: Any) -> dict[str, float]:
+        """Held-out loss and perplexity per validation subset, on the same rows every time."""
+        if self.validation is None or not self.config.eval.every_steps:
+            return {}
+        batch = self.config.train.global_batch_size
+
+        def score(tokens: np.ndarray, weight: np.ndarray) -> tuple[float, float]:
+            total, count = self.eval_step(params, self.global_array(tokens[self.local_rows], tokens.shape),
+                                          self.global_array(weight[self.local_rows], weight.shape))
+            return float(total), float(count)
+
+        metrics = heldout_metrics(score, self.validation, batch, rows_per_subset=self.config.eval.batches * batch)
+        return {f"val/{name}": value for name, value in metrics.items()}
+
+    def save(self, state: dict) -> Path:
+        done = int(state["step"])
+        info = {"seed": self.config.train.seed, "tokens_seen": done * self.tokens_per_step,
+                "data_position": {"step": done}}
+        return save_step(self.run, state, self.llama, self.tokenizer, info, keep=self.config.checkpoint.keep)
+
+    def fit(self) -> dict[str, float]:
+        """Train to `train.steps`; returns the last step's metrics with `step`, the newest checkpoint's step."""
+        error: BaseException | None = None
+        result: dict[str, float] | None = None
+        try:
+            result = self._train()
+            return result
+        except BaseException as caught:
+            error = caught
+            raise
+        finally:
+            for hook in self.hooks:
+                hook.on_finish(result, error)
+
+    def _train(self) -> dict[str, float]:
+        config = self.config
+        state = self.start()
+        first = int(state["step"])
+        for hook in self.hooks:
+            hook.on_start(first)
+        last_saved = first
+        metrics: dict[str, float] = {}
+        for index in range(first, config.train.steps):
+            started = time.perf_counter()
+            tokens = self.batches.read(index, self.local_rows)
+            batch_shape = (config.train.global_batch_size, tokens.shape[1])
+            state, device_metrics = self.train_step(state, self.global_array(tokens, batch_shape))
+            values = {k: float(v) for k, v in device_metrics.items()}
+            seconds = time.perf_counter() - started
+            done = index + 1
+            if not values["finite"]:
+                message = (f"step {done}: loss={values['loss']} grad_norm={values['grad_norm']} is not finite; "
+                           f"the last good checkpoint is kept in {self.run.checkpoints}")
+                if config.train.on_nonfinite == "stop":
+                    raise NonFiniteLoss(message + " (set train.on_nonfinite=skip to skip such updates)")
+                log.warning("%s; update skipped", message)
+            metrics = {
+                "loss": values["loss"], "learning_rate": values["learning_rate"], "grad_norm": values["grad_norm"],
+                "tokens_seen": float(done * self.tokens_per_step), "step_time_s": seconds,
+                "tokens_per_s": self.tokens_per_step / seconds,
+                "mfu": self.flops_per_step / seconds / self.peak_flops,
+            }
+            if config.eval.every_steps and (done % config.eval.every_steps == 0 or done == config.train.steps):
+                metrics.update(self.evaluate(state["params"]))
+            if self.rank == 0 and (done % config.train.log_every == 0 or done == config.train.steps):
+                log.info("step %d/%d loss %.4f lr %.2e %.0f tokens/s mfu %.1f%%", done, config.train.steps,
+                         metrics["loss"], metrics["learning_rate"], metrics["tokens_per_s"], 100 * metrics["mfu"])
+            for hook in self.hooks:
+                hook.after_step(done, metrics)
+            if done % config.checkpoint.every_steps == 0 or done == config.train.steps:
+                path = self.save(state)
+                last_saved = done
+                for hook in self.hooks:
+                    hook.on_checkpoint(done, path, metrics)
+        return {**metrics, "step": last_saved}
