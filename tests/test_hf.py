@@ -16,9 +16,9 @@ import sentencepiece as spm
 from safetensors.numpy import load_file
 
 from openllama.cli import main as cli
-from openllama.train.checkpoint import load_model, save_model
-from openllama.eval.decode import generate
 from openllama.data.tokenizer import write_tokenizer
+from openllama.eval.decode import generate
+from openllama.train.checkpoint import load_model, save_model
 from openllama.train.convert.hf import ConversionError, export_hf, import_hf
 from openllama.train.model import Llama, LlamaConfig, init_params
 
@@ -251,7 +251,7 @@ def test_cli_export_then_import_round_trip(tiny_ckpt, tmp_path):
 def test_cli_import_error_is_one_line_naming_the_problem(tmp_path, capsys):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    assert cli(["import-hf", str(tmp_path / "hf"), str(tmp_path / "ckpt")]) == 1
+    assert cli(["import-hf", str(tmp_path / "hf"), str(tmp_path / "ckpt")]) == 2
     assert "model_type='gpt2'" in capsys.readouterr().err
 
 

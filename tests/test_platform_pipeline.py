@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from openllama import files, pipeline, services
+from openllama import files, pipeline
 
 
 def copy_stage(tmp_path: Path) -> pipeline.Stage:

@@ -28,3 +28,21 @@ def test_an_unknown_preset_is_an_error_that_lists_the_known_ones(capsys):
 def test_a_misspelled_override_names_the_field(capsys):
     assert cli(["config", "show", "tiny-cpu", "train.stepz=5"]) == 2
     assert "unknown field train.stepz" in capsys.readouterr().err
+
+
+def test_show_prints_a_commands_settings_with_required_ones_marked(capsys):
+    assert cli(["config", "show", "eval", "batch_size=4"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["batch_size"] == 4 and shown["checkpoint"] == "<required>"
+
+
+def test_every_command_with_settings_can_be_shown(capsys):
+    from openllama.show import COMMAND_CONFIGS
+
+    for name in COMMAND_CONFIGS:
+        assert cli(["config", "show", name]) == 0, capsys.readouterr().err
+
+
+def test_a_misspelled_command_setting_names_the_field(capsys):
+    assert cli(["config", "show", "generate", "max_new_tokenz=5"]) == 2
+    assert "unknown field max_new_tokenz" in capsys.readouterr().err

@@ -13,11 +13,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import harness
 import jax
 import numpy as np
 import pytest
 
+import harness
 from openllama.train.checkpoint import RunDir, load_model
 from openllama.train.config import TrainConfig, load_config
 from openllama.train.trainer import NonFiniteLoss, Trainer

@@ -10,10 +10,11 @@ import threading
 import time
 from pathlib import Path
 
-import harness as faults
 import numpy as np
 import psutil
 import pytest
+
+import harness as faults
 
 pytestmark = pytest.mark.faults
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from openllama import commands
 from openllama.config import add_config_arguments, from_arguments
 from openllama.train import checkpoint
-from openllama.train.convert.hf import ConversionError, check_params, expected_shapes, set_path, unify_dtype
+from openllama.train.convert.tree import ConversionError, check_params, expected_shapes, set_path, unify_dtype
 from openllama.train.model import PRESETS, LlamaConfig
 
 LOAD_TYPES = {"params": 1, "trainstate_params": 2, "trainstate": 2}  # how many "params" levels lead

@@ -6,29 +6,38 @@ matmul kernels (ours are (in, out), torch Linear weights are (out, in)). Files f
 generation_config.json, safetensors (sharded with an index past `max_shard_bytes`), tokenizer.model,
 tokenizer.json and tokenizer_config.json.
 
-The tokenizer.json is built here from the SentencePiece model rather than left to transformers'
-conversion, which drops SentencePiece's dummy-prefix space when a text starts with a space
+The tokenizer.json is built from the SentencePiece model (`data/tokenizer.py`) rather than left to
+transformers' conversion, which drops SentencePiece's dummy-prefix space when a text starts with a space
 (" a" -> "▁a" instead of "▁▁a"); see docs/model.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import shutil
-import sys
-import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from openllama import commands, files
 from openllama.commands import BadInput
+from openllama.config import ConfigError, add_config_arguments, from_arguments
 from openllama.data.tokenizer import load_for_model, write_tokenizer
 from openllama.train import checkpoint
+from openllama.train.convert.tree import (
+    ConversionError,
+    check_params,
+    expected_shapes,
+    get_path,
+    param_paths,
+    set_path,
+    unify_dtype,
+)
 from openllama.train.model import DTYPES, LlamaConfig
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -38,69 +47,19 @@ SINGLE_FILE = "model.safetensors"
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-class ConversionError(ValueError):
-    """A checkpoint that cannot be converted; the message names the file, field or tensor."""
-
-
 def tensor_names(config: LlamaConfig) -> Iterator[tuple[tuple[str, ...], str, bool]]:
-    """(our param path, HF tensor name, transposed?) for every tensor of `config`."""
-    yield ("embed_tokens", "embedding"), "model.embed_tokens.weight", False
-    for i in range(config.num_hidden_layers):
-        ours, theirs = f"layers_{i}", f"model.layers.{i}"
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            yield (ours, "self_attn", proj, "kernel"), f"{theirs}.self_attn.{proj}.weight", True
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            yield (ours, "mlp", proj, "kernel"), f"{theirs}.mlp.{proj}.weight", True
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            yield (ours, norm, "weight"), f"{theirs}.{norm}.weight", False
-    yield ("norm", "weight"), "model.norm.weight", False
-    if not config.tie_word_embeddings:
-        yield ("lm_head", "kernel"), "lm_head.weight", True
-
-
-def expected_shapes(config: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Shape of every parameter in our layout, from the config alone."""
-    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    kv = config.num_key_value_heads * config.head_dim
-    by_leaf = {
-        "q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-        "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h), "lm_head": (h, v),
-    }
-    shapes = {}
-    for path, _, _ in tensor_names(config):
+    """The mapping table: (our param path, HF tensor name, transposed?) for every tensor of `config`."""
+    for path in param_paths(config):
         if path[0] == "embed_tokens":
-            shapes[path] = (v, h)
-        elif path[-1] == "weight":
-            shapes[path] = (h,)
+            yield path, "model.embed_tokens.weight", False
+        elif path[0] == "norm":
+            yield path, "model.norm.weight", False
+        elif path[0] == "lm_head":
+            yield path, "lm_head.weight", True
         else:
-            shapes[path] = by_leaf[path[-2]]
-    return shapes
-
-
-def get_path(tree: dict, path: tuple[str, ...]) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def set_path(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def check_params(params: dict, config: LlamaConfig, source: str) -> None:
-    """Every tensor the config needs is there with the right shape, or an error naming it."""
-    for path, shape in expected_shapes(config).items():
-        name = "/".join(path)
-        try:
-            value = get_path(params, path)
-        except KeyError:
-            raise ConversionError(f"{source}: tensor {name} is missing") from None
-        if tuple(value.shape) != shape:
-            raise ConversionError(
-                f"{source}: tensor {name} has shape {tuple(value.shape)}, the config needs {shape}"
-            )
+            layer, *rest = path
+            theirs = f"model.layers.{layer.removeprefix('layers_')}.{'.'.join(rest[:-1])}.weight"
+            yield path, theirs, rest[-1] == "kernel"
 
 
 # --- config.json -------------------------------------------------------------------------------
@@ -179,7 +138,7 @@ def config_from_hf(hf: dict, source: str) -> LlamaConfig:
 # --- export ------------------------------------------------------------------------------------
 
 
-def _write_safetensors(tensors: dict[str, np.ndarray], out_dir: Path, max_shard_bytes: int) -> None:
+def write_safetensors(tensors: dict[str, np.ndarray], out_dir: Path, max_shard_bytes: int) -> None:
     """One model.safetensors, or shards plus model.safetensors.index.json when larger than the limit."""
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
@@ -202,16 +161,7 @@ def _write_safetensors(tensors: dict[str, np.ndarray], out_dir: Path, max_shard_
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
 
 
-def _new_dir_atomically(out_dir: Path) -> Path:
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"output directory {out_dir} exists and is not empty; choose a new path")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    return tmp
-
-
-def _check_tokenizer_fits(tokenizer: str | Path, config: LlamaConfig) -> None:
+def check_tokenizer_fits(tokenizer: str | Path, config: LlamaConfig) -> None:
     try:
         load_for_model(tokenizer, config.vocab_size, config.bos_token_id, config.eos_token_id)
     except BadInput as error:  # reported like every other refusal of a conversion
@@ -234,7 +184,7 @@ def export_hf(
     tokenizer = tokenizer or ckpt_tokenizer
     check_params(params, config, str(ckpt))
     if tokenizer is not None:
-        _check_tokenizer_fits(tokenizer, config)
+        check_tokenizer_fits(tokenizer, config)
     dtype = dtype or config.param_dtype
     if dtype not in DTYPES:
         raise ConversionError(f"dtype={dtype!r}; allowed: {sorted(DTYPES)}")
@@ -243,19 +193,13 @@ def export_hf(
         array = np.asarray(get_path(params, path)).astype(DTYPES[dtype])
         tensors[name] = np.ascontiguousarray(array.T if transposed else array)
     out_dir = Path(out_dir).absolute()
-    tmp = _new_dir_atomically(out_dir)
-    try:
-        _write_safetensors(tensors, tmp, max_shard_bytes)
+    with files.new_directory(out_dir) as tmp:
+        write_safetensors(tensors, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(hf_config_dict(config, dtype), indent=2))
         generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "do_sample": False}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
         if tokenizer is not None:
             write_tokenizer(tokenizer, tmp, config.max_position_embeddings)
-        if out_dir.exists():
-            out_dir.rmdir()
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
@@ -309,27 +253,12 @@ def params_from_hf_tensors(tensors: dict[str, np.ndarray], config: LlamaConfig, 
     return params
 
 
-def unify_dtype(params: dict, source: str) -> tuple[dict, str]:
-    """Parameters in one dtype: theirs when they share one, else all upcast to float32 (lossless)."""
-    import jax
-
-    names = {np.dtype(a.dtype).name for a in jax.tree.leaves(params)}
-    unsupported = sorted(names - set(DTYPES))
-    if unsupported:
-        raise ConversionError(f"{source}: tensors of dtype {unsupported}; supported: {sorted(DTYPES)}")
-    if len(names) == 1:
-        return params, names.pop()
-    return jax.tree.map(lambda a: a.astype(np.float32), params), "float32"
-
-
 def import_hf(hf_dir: str | Path, ckpt: str | Path, tokenizer: str | Path | None = None) -> Path:
     """Read a Hugging Face LLaMA directory into one of our checkpoints at `ckpt`.
 
     Parameters keep the file's dtype (param_dtype in model.json), so export gives back the same bytes;
     a file mixing dtypes is upcast to float32.
     """
-    import dataclasses
-
     hf_dir = Path(hf_dir)
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
@@ -345,41 +274,75 @@ def import_hf(hf_dir: str | Path, ckpt: str | Path, tokenizer: str | Path | None
 # --- CLI ---------------------------------------------------------------------------------------
 
 
-def _size(text: str) -> int:
-    units = {"KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
-    for unit, factor in units.items():
-        if text.upper().endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
+@dataclass
+class ExportHfConfig:
+    """`openllama export-hf`: one of our checkpoints as a Hugging Face model directory."""
+
+    checkpoint: str  # a model checkpoint, or a training run directory (its newest checkpoint)
+    out_dir: str  # new directory for the Hugging Face files
+    dtype: str | None = None  # tensor dtype, one of float32/bfloat16/float16 (None: the checkpoint's)
+    max_shard_size: str = "5GB"  # safetensors files past this size are sharded (e.g. 2GB, 500MiB)
+    tokenizer: str | None = None  # tokenizer.model to ship (None: the checkpoint's)
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r}; allowed: {sorted(DTYPES)}")
+        size_in_bytes(self.max_shard_size)
+
+
+@dataclass
+class ImportHfConfig:
+    """`openllama import-hf`: any LLaMA-architecture Hugging Face directory into one of our checkpoints."""
+
+    hf_dir: str  # config.json + safetensors
+    checkpoint: str  # new checkpoint directory
+    tokenizer: str | None = None  # tokenizer.model to keep (None: the directory's)
+
+
+def size_in_bytes(text: str) -> int:
+    """`5GB`, `500MiB`, `1000` as bytes."""
+    units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "KB": 1000, "MB": 1000**2, "GB": 1000**3}
+    unit = next((u for u in units if text.upper().endswith(u)), None)
+    number, factor = (text[: -len(unit)], units[unit]) if unit else (text, 1)
+    try:
+        return int(float(number) * factor)
+    except ValueError:
+        raise ConfigError(f"max_shard_size={text!r} is not a size like 5GB, 500MiB or 1000000") from None
 
 
 def export_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="openllama export-hf", description=export_hf.__doc__)
-    parser.add_argument("ckpt", help="model checkpoint, or a training run directory (newest checkpoint)")
+    parser = argparse.ArgumentParser(prog="openllama export-hf", description=ExportHfConfig.__doc__,
+                                     epilog=commands.EXIT_CODES)
+    parser.add_argument("checkpoint", help="model checkpoint, or a training run directory (newest checkpoint)")
     parser.add_argument("out_dir", help="new directory for the Hugging Face files")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="tensor dtype (default: the checkpoint's)")
-    parser.add_argument("--max-shard-size", default="5GB", type=_size, help="shard past this size (e.g. 2GB)")
+    parser.add_argument("--max-shard-size", help="shard past this size (default 5GB)")
     parser.add_argument("--tokenizer", help="tokenizer.model to ship (default: the checkpoint's)")
+    add_config_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        out = export_hf(args.ckpt, args.out_dir, args.dtype, args.max_shard_size, args.tokenizer)
-    except (ConversionError, FileExistsError, FileNotFoundError) as error:
-        print(f"openllama export-hf: {error}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}")
-    return 0
+
+    def work() -> int:
+        config = from_arguments(ExportHfConfig, args)
+        out = export_hf(config.checkpoint, config.out_dir, config.dtype, size_in_bytes(config.max_shard_size),
+                        config.tokenizer)
+        print(f"wrote {out}")
+        return 0
+
+    return commands.run("openllama export-hf", work)
 
 
 def import_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="openllama import-hf", description=import_hf.__doc__)
+    parser = argparse.ArgumentParser(prog="openllama import-hf", description=ImportHfConfig.__doc__,
+                                     epilog=commands.EXIT_CODES)
     parser.add_argument("hf_dir", help="Hugging Face model directory (config.json + safetensors)")
-    parser.add_argument("ckpt", help="new checkpoint directory")
+    parser.add_argument("checkpoint", help="new checkpoint directory")
     parser.add_argument("--tokenizer", help="tokenizer.model to keep (default: the directory's)")
+    add_config_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        out = import_hf(args.hf_dir, args.ckpt, args.tokenizer)
-    except (ConversionError, FileExistsError) as error:
-        print(f"openllama import-hf: {error}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}")
-    return 0
+
+    def work() -> int:
+        config = from_arguments(ImportHfConfig, args)
+        print(f"wrote {import_hf(config.hf_dir, config.checkpoint, config.tokenizer)}")
+        return 0
+
+    return commands.run("openllama import-hf", work)
