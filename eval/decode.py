@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import sentencepiece as spm
 
-from openllama import commands
+from openllama import commands, files
 from openllama.config import ConfigError, add_config_arguments, from_arguments
 from openllama.data.tokenizer import load_for_model
 from openllama.eval.packing import bucket_length
@@ -205,20 +205,23 @@ class TextStream:
     def __init__(self, sp: spm.SentencePieceProcessor, prompt_ids: list[int], out: TextIO | None = None) -> None:
         self.sp, self.ids, self.out = sp, list(prompt_ids), out or sys.stdout
         self.printed = len(sp.decode(self.ids))
+        self.continuation = ""  # everything written so far
 
     def __call__(self, token_id: int) -> None:
         self.ids.append(token_id)
         text = self.sp.decode(self.ids)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence of byte-fallback pieces
             return
-        self.out.write(text[self.printed:])
-        self.out.flush()
+        self.write(text[self.printed:])
         self.printed = len(text)
 
     def finish(self) -> None:
-        text = self.sp.decode(self.ids)
-        self.out.write(text[self.printed:] + "\n")
+        self.write(self.sp.decode(self.ids)[self.printed:] + "\n")
+
+    def write(self, text: str) -> None:
+        self.out.write(text)
         self.out.flush()
+        self.continuation += text
 
 
 def unescape(text: str) -> str:
@@ -237,6 +240,7 @@ class GenerateConfig:
     top_p: float = 1.0
     seed: int = 0
     tokenizer: str | None = None  # None: the checkpoint's own tokenizer.model
+    output: str | None = None  # also write the prompt and continuation to this file, whole once done
 
     def __post_init__(self) -> None:
         check_sampling(self.max_new_tokens, self.temperature, self.top_p)
@@ -262,6 +266,8 @@ def stream_generation(settings: GenerateConfig, out: TextIO | None = None) -> No
     generate(params, model_config, prompt_ids, settings.max_new_tokens, settings.temperature, settings.top_p,
              settings.seed, on_token=stream)
     stream.finish()
+    if settings.output:
+        files.write_text(settings.output, prompt + stream.continuation)
 
 
 def main(argv: list[str]) -> int:
@@ -277,6 +283,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--top-p", type=float, help="nucleus sampling mass, in (0, 1] (default: 1)")
     parser.add_argument("--seed", type=int, help="seed of the sampling keys (default: 0)")
     parser.add_argument("--tokenizer", help="tokenizer.model (default: the checkpoint's)")
+    parser.add_argument("--output", help="also write the text to this file, published whole when done")
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     try:

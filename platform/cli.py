@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export-hf": ("openllama.train.convert.hf:export_main", "write a checkpoint as a Hugging Face LlamaForCausalLM"),
     "import-hf": ("openllama.train.convert.hf:import_main", "read any LLaMA-architecture Hugging Face checkpoint"),
     "import-easylm": ("openllama.train.convert.easylm:main", "read an EasyLM checkpoint (OpenLLaMA's release)"),
+    "export-easylm": ("openllama.train.convert.easylm:export_main", "write a checkpoint as an EasyLM params:: file"),
     "config": ("openllama.show:main", "show the resolved settings of a command or config (config show NAME)"),
     "pipeline": ("openllama.pipeline:main", "run the whole pipeline as Ray jobs (what `make demo` runs)"),
 }

@@ -48,7 +48,12 @@ def run(prog: str, work: Callable[[], int | None]) -> int:
 
 
 def quiet_libraries() -> None:
-    """Our progress at INFO, the libraries' chatter only from WARNING (orbax logs every file it writes)."""
+    """Our progress at INFO, the libraries' chatter only from WARNING (orbax logs every file it writes).
+
+    The level is set on our own logger too: a library that installs a root handler when imported (absl
+    does) turns `basicConfig` into a no-op, and the root logger's WARNING would then hide our progress.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("openllama").setLevel(logging.INFO)
     for name in ("absl", "jax._src", "orbax", "lm-eval", "lm_eval", "datasets", "filelock", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)

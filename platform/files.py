@@ -116,15 +116,24 @@ def new_directory(target: str | Path, replace: bool = False) -> Iterator[Path]:
     temporary.mkdir()
     try:
         yield temporary
-        if target.exists():
-            old = temporary_name(target)
-            target.rename(old)
-            temporary.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            temporary.rename(target)
+        publish_directory(temporary, target)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+
+
+def publish_directory(complete: Path, target: Path) -> None:
+    """Rename the finished folder `complete` to `target`, replacing an older `target` whole.
+
+    For writers that share one temporary folder (every process of a sharded checkpoint writes its part
+    into it, and one of them publishes it); `new_directory` is the one-writer form.
+    """
+    if target.exists():
+        old = temporary_name(target)
+        target.rename(old)
+        complete.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        complete.rename(target)
 
 
 def remove_temporaries(folder: Path, pattern: str = ".*.tmp-*") -> list[Path]:

@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import time
@@ -197,10 +196,8 @@ def build_stages(out: Path, corpus: Path, train_config: str, train_overrides: li
     eval_command = ["openllama", "eval", str(run_dir), "--tasks", "openllama_local", "--output", str(eval_dir)]
     if eval_limit is not None:
         eval_command += ["--limit", str(eval_limit)]
-    generate = ["openllama", "generate", str(run_dir), "--prompt", PROMPT, "--max-new-tokens", str(max_new_tokens)]
-    # through a temporary name, so a crash never leaves a partial output.txt that looks finished
-    generate_shell = (f"set -o pipefail; mkdir -p {generated.parent} && "
-                      f"{' '.join(map(shlex.quote, generate))} | tee {generated}.tmp && mv {generated}.tmp {generated}")
+    generate = ["openllama", "generate", str(run_dir), "--prompt", PROMPT, "--max-new-tokens", str(max_new_tokens),
+                "--output", str(generated)]
     model = tokenizer_dir / "tokenizer.model"
     vocab_size = config.llama().vocab_size
     return [
@@ -215,7 +212,7 @@ def build_stages(out: Path, corpus: Path, train_config: str, train_overrides: li
         Stage("eval", eval_command, inputs=[run_dir / "checkpoints"], outputs=[eval_dir / "results.json"]),
         Stage("export", ["openllama", "export-hf", str(run_dir), str(hf_dir)],
               inputs=[run_dir / "checkpoints"], outputs=[hf_dir]),
-        Stage("generate", ["bash", "-c", generate_shell], inputs=[run_dir / "checkpoints"], outputs=[generated]),
+        Stage("generate", generate, inputs=[run_dir / "checkpoints"], outputs=[generated]),
     ]
 
 

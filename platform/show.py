@@ -28,6 +28,7 @@ COMMAND_CONFIGS = {
     "export-hf": "openllama.train.convert.hf:ExportHfConfig",
     "import-hf": "openllama.train.convert.hf:ImportHfConfig",
     "import-easylm": "openllama.train.convert.easylm:ImportEasylmConfig",
+    "export-easylm": "openllama.train.convert.easylm:ExportEasylmConfig",
     "pipeline": "openllama.pipeline:PipelineConfig",
 }
 

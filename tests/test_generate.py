@@ -114,6 +114,14 @@ def test_cli_streams_the_prompt_and_its_continuation(params, sp_model, tmp_path,
     assert code == 0 and capsys.readouterr().out == expected + "\n"
 
 
+def test_cli_output_file_holds_exactly_what_was_streamed(params, sp_model, tmp_path, capsys):
+    ckpt = save_model(tmp_path / "ckpt", params, TINY, sp_model)
+    out = tmp_path / "generated" / "output.txt"
+    assert cli(["generate", str(ckpt), "--prompt", "The", "--max-new-tokens", "6", "--output", str(out)]) == 0
+    assert out.read_text() == capsys.readouterr().out
+    assert not list(out.parent.glob(".*tmp*"))
+
+
 def test_cli_without_a_tokenizer_asks_for_one(params, tmp_path, capsys):
     ckpt = save_model(tmp_path / "ckpt", params, TINY)
     assert cli(["generate", str(ckpt), "--prompt", "hi"]) == 2

@@ -12,7 +12,7 @@ from openllama.train.sharding import make_mesh, param_specs, spec_for, state_sha
 
 
 def test_rules_follow_the_easylm_layout():
-    assert spec_for("embed_tokens/embedding") == P("fsdp", "tp")
+    assert spec_for("embed_tokens/embedding") == P("tp", "fsdp")  # EasyLM: wte (mp, fsdp)
     assert spec_for("layers_3/self_attn/k_proj/kernel") == P("fsdp", "tp")
     assert spec_for("layers_3/self_attn/o_proj/kernel") == P("tp", "fsdp")
     assert spec_for("layers_3/mlp/up_proj/kernel") == P("fsdp", "tp")
@@ -41,3 +41,31 @@ def test_adam_moments_are_sharded_like_their_parameter():
     mu = shardings[0].mu
     assert mu["layers_1"]["mlp"]["down_proj"]["kernel"].spec == P("tp", "fsdp")
     assert shardings[0].count.spec == P()
+
+
+@pytest.mark.parametrize("preset", ["openllama-3b", "openllama-7b", "openllama-13b"])
+def test_every_parameter_of_a_preset_lays_out_on_its_slice(preset):
+    import jax
+
+    from openllama.train.config import load_config, mesh_shape
+    from openllama.train.model import init_params
+    from openllama.train.sharding import check_divisible
+    from openllama.train.tpu import slice_of
+
+    config = load_config(preset)
+    chips = slice_of(config.scaling.accelerator_type, config.scaling.topology).chips
+    dp, fsdp, tp = mesh_shape(config, chips)
+    shapes = jax.eval_shape(lambda: init_params(config.llama()))
+    check_divisible(shapes, {"dp": dp, "fsdp": fsdp, "tp": tp})
+
+
+def test_a_tensor_that_does_not_divide_its_mesh_axis_is_named():
+    import jax
+
+    from openllama.config import ConfigError
+    from openllama.train.model import LlamaConfig, init_params
+    from openllama.train.sharding import check_divisible
+
+    shapes = jax.eval_shape(lambda: init_params(LlamaConfig.preset("tiny")))
+    with pytest.raises(ConfigError, match=r"embed_tokens/embedding \(512, 64\) .* axis of 64 does not divide 128"):
+        check_divisible(shapes, {"dp": 1, "fsdp": 128, "tp": 1})

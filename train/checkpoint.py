@@ -191,9 +191,7 @@ def save_step(run: RunDir, state: dict, config: LlamaConfig, tokenizer: Path | N
     if jax.process_index() == 0:
         write_metadata(tmp, config, tokenizer)
         (tmp / STATE_JSON).write_text(json.dumps({"step": step, **info}, indent=2))
-        if final.exists():  # a save of this step that completed before a crash: replace it whole
-            shutil.rmtree(final)
-        tmp.rename(final)
+        files.publish_directory(tmp, final)  # replaces a save of this step that completed before a crash
         for _, old in run.complete_checkpoints()[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     multihost_utils.sync_global_devices(f"checkpoint {step}")

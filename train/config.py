@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from openllama.config import ConfigError, load
 from openllama.train.model import LlamaConfig
+from openllama.train.tpu import check_slice
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "train"
 
@@ -187,8 +188,8 @@ def validate(config: TrainConfig, device_count: int | None = None) -> None:
             f"optimizer.warmup_steps={o.warmup_steps} must be at least 0 and below the decay steps "
             f"({config.decay_steps()}: optimizer.decay_steps, else train.steps)"
         )
-    if config.scaling.use_tpu and not (config.scaling.topology and config.scaling.accelerator_type):
-        raise ConfigError("scaling.use_tpu=true needs scaling.topology and scaling.accelerator_type")
+    if config.scaling.use_tpu:
+        check_slice(config.scaling.num_workers, config.scaling.accelerator_type, config.scaling.topology)
     if config.eval.every_steps < 0 or config.eval.batches < 1:
         raise ConfigError("eval.every_steps must be >= 0 and eval.batches >= 1")
     if device_count is None and (config.scaling.use_tpu or config.scaling.use_gpu):

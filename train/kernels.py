@@ -1,11 +1,20 @@
 """What makes LLaMA's two hot operations fast on one backend, chosen by `LlamaConfig.kernels`.
 
 `model.py` calls `matmul` (every projection) and `attention` (softmax attention with GQA) from here.
-`reference` is the plain math differentiated by JAX: the definition every other kernel is tested
-against, in values and gradients. `xla_cpu` is written for XLA's CPU backend, whose fast bfloat16
-kernels need row-major operands and whose autodiff of a float32-accumulating bfloat16 product runs
-float32 gradient products (docs/model.md has the measurements). `auto` takes `xla_cpu` on CPU and
-`reference` elsewhere, so a compile for another backend never inherits the CPU layout constraints.
+
+- `reference`: the plain math differentiated by JAX, the definition every other kernel is tested
+  against in values and gradients. It materializes the [batch, heads, seq, seq] scores.
+- `xla_cpu`: for XLA's CPU backend, whose fast bfloat16 kernels need row-major operands and whose
+  autodiff of a float32-accumulating bfloat16 product runs float32 gradient products (docs/model.md).
+- `splash`: TPU splash attention (Pallas), blockwise with a causal block mask, so no score matrix is
+  ever whole; under a mesh it runs per shard (`shard_map` over the batch and head axes). Off TPU it runs
+  in Pallas's interpreter, which is how the tests check it.
+- `cudnn`: GPU flash attention through `jax.nn.dot_product_attention` (XLA's own elsewhere).
+
+`auto` takes the kernel of the backend it runs on (`for_platform` picks for another, e.g. when
+compiling for a TPU slice from a CPU machine), so a compile never inherits another backend's layout.
+Splash and cuDNN serve causal attention (splash over lengths that are multiples of 128); a custom mask
+(packed eval rows, the KV cache) or another length takes the reference path on TPU and GPU.
 """
 
 from __future__ import annotations
@@ -14,17 +23,26 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.experimental.layout import Layout, with_layout_constraint
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.sharding import PartitionSpec as P
 
-KERNELS = ("auto", "reference", "xla_cpu")
+from openllama.train import sharding
+
+KERNELS = ("auto", "reference", "xla_cpu", "splash", "cudnn")
+BY_PLATFORM = {"cpu": "xla_cpu", "tpu": "splash", "gpu": "cudnn", "cuda": "cudnn", "rocm": "reference"}
+SPLASH_BLOCK = 512  # query/key block of the splash kernels (smaller for shorter sequences)
+
+
+def for_platform(kernels: str, platform: str) -> str:
+    """The kernel set `kernels` means on `platform` (cpu, tpu, gpu)."""
+    if kernels not in KERNELS:
+        raise ValueError(f"model.kernels={kernels!r}; allowed: {list(KERNELS)}")
+    return BY_PLATFORM.get(platform, "reference") if kernels == "auto" else kernels
 
 
 def resolve(kernels: str) -> str:
     """The kernel set `kernels` means on the backend JAX runs on now."""
-    if kernels not in KERNELS:
-        raise ValueError(f"model.kernels={kernels!r}; allowed: {list(KERNELS)}")
-    if kernels == "auto":
-        return "xla_cpu" if jax.default_backend() == "cpu" else "reference"
-    return kernels
+    return for_platform(kernels, jax.default_backend())
 
 
 def matmul(rows: jax.Array, kernel: jax.Array, kernels: str = "auto") -> jax.Array:
@@ -34,13 +52,31 @@ def matmul(rows: jax.Array, kernel: jax.Array, kernels: str = "auto") -> jax.Arr
     return jnp.matmul(rows, kernel.astype(rows.dtype), preferred_element_type=jnp.float32).astype(rows.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, kernels: str = "auto") -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, kernels: str = "auto") -> jax.Array:
     """Softmax attention of q [batch, seq, heads, head_dim] over k, v [batch, keys, kv_heads, head_dim]
-    where mask [batch or 1, 1, seq, keys] is True; scores and softmax in float32. Named `attention` for
-    the remat policies."""
-    if resolve(kernels) == "xla_cpu":
+    where mask [batch or 1, 1, seq, keys] is True (None: causal), scores and softmax in float32. Named
+    `attention` for the remat policies."""
+    kind = resolve(kernels)
+    if mask is None and kind == "splash" and splash_fits(q.shape[1]):
+        return checkpoint_name(splash_attention(q, k, v), "attention")
+    if mask is None and kind == "cudnn":
+        return checkpoint_name(cudnn_attention(q, k, v), "attention")
+    if mask is None:
+        mask = causal_mask(q.shape[1], k.shape[1])
+    if kind == "xla_cpu":
         return checkpoint_name(cpu_attention(q, k, v, mask), "attention")
     return checkpoint_name(reference_attention(q, k, v, mask), "attention")
+
+
+def splash_fits(seq: int) -> bool:
+    """Whether the splash kernels' blocks tile `seq` positions (a multiple of 128); shorter or ragged
+    lengths (initialization's one token, a generation prompt) take the reference path."""
+    return seq % 128 == 0 and seq % min(SPLASH_BLOCK, seq) == 0
+
+
+def causal_mask(queries: int, keys: int) -> jax.Array:
+    """[1, 1, queries, keys]: query i sees keys 0..i (queries are the last `queries` positions)."""
+    return (jnp.arange(keys)[None, :] <= jnp.arange(queries)[:, None] + keys - queries)[None, None]
 
 
 def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -53,6 +89,41 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.astype(q.dtype).reshape(batch, seq, heads, head_dim)
+
+
+# ------------------------------------------------------------------------------------ TPU and GPU
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Causal attention by TPU splash kernels, per shard of the mesh in context (batch and heads sharded)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return _splash_local(q, k, v)
+    batch = tuple(axis for axis in sharding.BATCH_AXES if axis in mesh.axis_names)
+    heads = sharding.HEADS_AXIS if sharding.HEADS_AXIS in mesh.axis_names else None
+    spec = P(batch, None, heads, None)
+    return jax.shard_map(_splash_local, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+
+
+def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Splash on this device's rows and heads; q [b, s, h, d], k/v [b, s, kv, d] (heads grouped, GQA)."""
+    batch, seq, heads, head_dim = q.shape
+    block = min(SPLASH_BLOCK, seq)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    mask = splash.MultiHeadMask([splash.CausalMask((seq, seq)) for _ in range(heads)])
+    kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                    interpret=jax.default_backend() != "tpu")
+    heads_first = (0, 2, 1, 3)
+    out = jax.vmap(kernel)((q * head_dim**-0.5).transpose(heads_first), k.transpose(heads_first),
+                           v.transpose(heads_first))
+    return out.transpose(heads_first).astype(q.dtype)
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Causal flash attention by cuDNN on GPU (bfloat16/float16), XLA's implementation elsewhere."""
+    fused = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn" if fused else None)
 
 
 # ------------------------------------------------------------------------------------------- XLA on CPU

@@ -181,8 +181,7 @@ class Attention(nn.Module):
         k = rotary(k.reshape(batch, seq, c.num_key_value_heads, c.head_dim), *rope)
         v = v.reshape(batch, seq, c.num_key_value_heads, c.head_dim)
         if cache is None:
-            causal = jnp.tril(jnp.ones((seq, seq), bool))[None, None]
-            out = kernels.attention(q, k, v, causal if mask is None else mask, c.kernels)
+            out = kernels.attention(q, k, v, mask, c.kernels)  # mask None: causal
         else:
             index = cache["index"]
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))

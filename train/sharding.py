@@ -17,12 +17,18 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from openllama.config import ConfigError
+
 AXES = ("dp", "fsdp", "tp")
-BATCH = P(("dp", "fsdp"))
+BATCH_AXES = ("dp", "fsdp")  # the batch is split over these; attention heads over HEADS_AXIS
+HEADS_AXIS = "tp"
+BATCH = P(BATCH_AXES)
 
 # (regex over the "/"-joined parameter path, PartitionSpec); the first match wins, every param must match.
 RULES: tuple[tuple[str, P], ...] = (
-    (r"embed_tokens/embedding$", P("fsdp", "tp")),  # (vocab, hidden)
+    # (vocab, hidden): the hidden axis over fsdp, so the table shards on any slice (32,000 rows do not
+    # divide by 512 chips), the vocabulary over tp as the output layer's is
+    (r"embed_tokens/embedding$", P("tp", "fsdp")),
     (r"self_attn/(q|k|v)_proj/kernel$", P("fsdp", "tp")),
     (r"self_attn/o_proj/kernel$", P("tp", "fsdp")),
     (r"mlp/(gate|up)_proj/kernel$", P("fsdp", "tp")),
@@ -53,6 +59,23 @@ def spec_for(name: str) -> P:
 def param_specs(params: Any) -> Any:
     """The PartitionSpec of every parameter (a tree shaped like `params`)."""
     return jax.tree_util.tree_map_with_path(lambda path, _: spec_for(path_name(path)), params)
+
+
+def check_divisible(params: Any, axis_sizes: dict[str, int]) -> None:
+    """Every parameter's sharded axes divide by their mesh axes, or a ConfigError naming the tensor and rule.
+
+    Checked before anything is compiled, from shapes alone, so a plan for a slice fails with the tensor
+    that breaks it rather than with an XLA error.
+    """
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = path_name(path)
+        spec = spec_for(name)
+        for size, axes in zip(leaf.shape, spec, strict=False):
+            names = axes if isinstance(axes, tuple) else (axes,) if axes else ()
+            ways = int(np.prod([axis_sizes[a] for a in names])) if names else 1
+            if size % ways:
+                raise ConfigError(f"parameter {name} {tuple(leaf.shape)} cannot be laid out as {spec} on mesh "
+                                  f"{axis_sizes}: its axis of {size} does not divide {ways} ways")
 
 
 def param_shardings(params: Any, mesh: Mesh) -> Any:

@@ -25,8 +25,8 @@ TINY = [f"train.steps={STEPS}", "train.seq_len=32", "train.global_batch_size=8",
         "optimizer.warmup_steps=2", "checkpoint.every_steps=2", "checkpoint.keep=2", "eval.every_steps=0",
         "device.peak_flops=1e11"]
 TRAIN_IN_PROCESS = (
-    "import logging, sys; from openllama.train.config import load_config; "
-    "from openllama.train.trainer import Trainer; logging.basicConfig(level=logging.INFO); "
+    "import sys; from openllama.commands import quiet_libraries; from openllama.train.config import load_config; "
+    "from openllama.train.trainer import Trainer; quiet_libraries(); "
     "Trainer(load_config('tiny-cpu', sys.argv[1:])).fit()"
 )
 
