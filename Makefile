@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 DEMO := .demo
 
-.PHONY: demo test down faults bench lint
+.PHONY: demo test down faults bench plan lint
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"need Python 3.11, found {sys.version}"'
@@ -20,8 +20,8 @@ $(INSTALLED): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --no-deps mistral-common==1.13.1
 	touch $(INSTALLED)
 
-demo: $(INSTALLED)  ## start Ray + MLflow on 127.0.0.1 and run every stage as a Ray job
-	$(BIN)/openllama pipeline --out $(DEMO)
+demo: $(INSTALLED)  ## start Ray + MLflow on 127.0.0.1 and run every stage as a Ray job (on CPU: the sample is tiny)
+	JAX_PLATFORMS=cpu $(BIN)/openllama pipeline --out $(DEMO)
 
 down: ## stop the services `make demo` started (by their recorded process groups)
 	@if [ -x $(BIN)/openllama ]; then $(BIN)/openllama pipeline --out $(DEMO) --down; else echo "nothing to stop"; fi
@@ -36,6 +36,9 @@ faults: $(INSTALLED)  ## fault-injection suite, then a table: fault -> what happ
 	@rm -f .faults.jsonl
 	@OPENLLAMA_FAULT_REPORT=$(CURDIR)/.faults.jsonl $(BIN)/pytest tests/faults -m faults; status=$$?; \
 	$(BIN)/python tests/harness.py .faults.jsonl; exit $$status
+
+plan: $(INSTALLED)  ## the published presets compiled for their TPU slices by the TPU compiler (no TPU needed)
+	JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 $(BIN)/python -P bench/plan.py
 
 bench: $(INSTALLED)  ## every benchmark script; each prints ratios against a baseline it measures itself
 	@set -e; scripts="$$(ls bench/*.py 2>/dev/null)"; [ -n "$$scripts" ] || { echo "no bench/*.py scripts"; exit 1; }; \

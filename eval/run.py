@@ -62,6 +62,7 @@ class EvalConfig:
     batch_size: int = 16  # packed rows scored together (a row holds several requests)
     tokenizer: str | None = None  # None: the checkpoint's own tokenizer.model
     compare: bool = False  # show the published GPT-J / LLaMA / OpenLLaMA columns beside ours
+    compare_table: str | None = None  # which published table: v1 (None: the default) or preview; implies compare
     output: str | None = None  # folder for results.json and table.md
     perplexity: str | None = None  # a packed dataset whose validation split is scored
     seed: int = 0  # few-shot sampling
@@ -83,6 +84,11 @@ class EvalConfig:
             raise ConfigError(f"--workers={self.workers} must be at least 1")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size={self.batch_size} must be at least 1")
+        if self.compare_table is not None:
+            if self.compare_table not in published.COMPARE_TABLES:
+                allowed = sorted(published.COMPARE_TABLES)
+                raise ConfigError(f"--compare-table={self.compare_table!r}; allowed: {allowed}")
+            self.compare = True
 
     def check_has_work(self) -> None:
         """Something to evaluate: tasks, a held-out set, or both. (Not in __post_init__, so that
@@ -223,15 +229,15 @@ def _format(value: float | None) -> str:
     return f"{value:.4f}" if abs(value) < 1000 else f"{value:.4g}"
 
 
-def render_table(rows: list[Row], model_name: str, compare: bool) -> str:
+def render_table(rows: list[Row], model_name: str, compare: bool, table: str = "v1") -> str:
     """OpenLLaMA's README table: Task/Metric rows, one column per model, and an Average row.
 
     Every column's Average is over the same rows (ours that count), so the columns stay comparable
     when only part of the suite was run.
     """
-    columns = [model_name, *(published.COMPARE_MODELS if compare else ())]
+    columns = [model_name, *(published.COMPARE_TABLES[table] if compare else ())]
     values: list[dict[tuple[str, str], float]] = [{(r.task, r.metric): r.value for r in rows}]
-    values += [published.published(model) for model in columns[1:]]
+    values += [published.published(model, table) for model in columns[1:]]
     lines = [
         "| Task/Metric | " + " | ".join(columns) + " |",
         "| --- | " + " | ".join("---" for _ in columns) + " |",
@@ -355,7 +361,7 @@ def evaluate(settings: EvalConfig) -> tuple[Path, dict, list[Row], str]:
             import ray  # already loaded by the workers (ray_is_running says so): this only names it
 
             ray.shutdown()
-    return ckpt, results, rows, render_table(rows, ckpt.name, settings.compare)
+    return ckpt, results, rows, render_table(rows, ckpt.name, settings.compare, settings.compare_table or "v1")
 
 
 def ray_is_running() -> bool:
@@ -423,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", help="SentencePiece model (default: the checkpoint's)")
     parser.add_argument("--compare", action="store_true", default=None,
                         help="show the published GPT-J / LLaMA / OpenLLaMA columns beside ours")
+    parser.add_argument("--compare-table", choices=sorted(published.COMPARE_TABLES),
+                        help="the published table --compare shows: v1 (default; the 1T-token release) or preview "
+                             "(OpenLLaMA 7B 400B / 3B 350B tokens, GPT-J 6B, LLaMA 7B); implies --compare")
     parser.add_argument("--output", help="folder for results.json and table.md (default: none kept)")
     parser.add_argument("--perplexity", metavar="DATA_DIR",
                         help="also report loss and perplexity per subset of a packed dataset's validation split")

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("openllama.data.tokenizer:main", "train a LLaMA-style SentencePiece tokenizer (tokenizer train)"),
     "data": ("openllama.data.tokenize:main", "validate, tokenize and pack RedPajama into shards (data tokenize)"),
     "train": ("openllama.train.launch:main", "pretrain LLaMA under Ray Train's JaxTrainer from a YAML config"),
+    "plan": ("openllama.train.plan:main", "compile a config's train step for its TPU slice: HBM, FLOPs, traffic"),
     "eval": ("openllama.eval.run:main", "evaluate a checkpoint with lm-evaluation-harness tasks"),
     "generate": ("openllama.eval.decode:main", "generate text from a checkpoint, streamed"),
     "export-hf": ("openllama.train.convert.hf:export_main", "write a checkpoint as a Hugging Face LlamaForCausalLM"),

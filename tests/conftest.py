@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 
+# Every test runs on CPU. The TPU compiler (libtpu, the `tpu` extra) is installed for `openllama plan`; left
+# to itself, JAX would try to start it as a runtime in every process and warn that there is no TPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample" / "redpajama"
 

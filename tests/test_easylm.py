@@ -281,7 +281,8 @@ def test_a_tied_file_does_not_fit_an_untied_preset(params_files):
 
 def test_a_tensor_of_a_layer_the_preset_lacks_is_named(models, tmp_path):
     records = training_order(easylm_tree(models["mha"]))
-    extra = [(("transformer", "h", "2", *key[3:]), value) for key, value in records if key[:3] == ("transformer", "h", "0")]
+    first_layer = [(key, value) for key, value in records if key[:3] == ("transformer", "h", "0")]
+    extra = [(("transformer", "h", "2", *key[3:]), value) for key, value in first_layer]
     source = write_streaming(tmp_path / "streaming_params", records + extra)
     with pytest.raises(ConversionError, match=r"tensor transformer/h/2/attention/wk/kernel does not belong to a "
                                               r"2-layer model \(--preset tiny\)"):
@@ -299,7 +300,7 @@ def test_a_tensor_that_is_not_easylm_llama_is_named(models, tmp_path):
     records = training_order(easylm_tree(models["mha"])) + [(("transformer", "h", "0", "attn", "q_proj", "kernel"),
                                                             np.zeros((2, 2), np.float32))]
     source = write_streaming(tmp_path / "streaming_params", records)
-    with pytest.raises(ConversionError, match="tensor transformer/h/0/attn/q_proj/kernel is not part of EasyLM's LLaMA"):
+    with pytest.raises(ConversionError, match="transformer/h/0/attn/q_proj/kernel is not part of EasyLM's LLaMA"):
         read_easylm(f"params::{source}")
 
 
@@ -366,8 +367,8 @@ def random_easylm_tree(hidden: int, intermediate: int, vocab: int, layers: int) 
 
 @pytest.mark.parametrize("load_type", ["params", "trainstate"])
 def test_reading_needs_the_output_and_about_one_tensor(load_type, tmp_path):
-    """A file of 2 + 7 * 6 tensors of 1 MiB (plus the norms): holding it whole beside the output would take
-    twice its size; the reader's peak is the output plus about one tensor (its q/k permutation)."""
+    """A file of many tensors of one size: holding it whole beside the output would take twice its size (a
+    train state's, four times); the reader's peak is the output plus about one tensor (a q/k permutation)."""
     tree = random_easylm_tree(hidden=512, intermediate=512, vocab=512, layers=6)
     records = training_order(tree) if load_type == "params" else train_state_records(tree)
     source = write_streaming(tmp_path / "easylm", records)
@@ -454,6 +455,13 @@ def test_a_failed_export_leaves_no_file(params_files, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         export_easylm(tmp_path / "ckpt", tmp_path / "out" / "streaming_params")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_import_refuses_an_existing_checkpoint_before_reading(params_files, tmp_path, monkeypatch):
+    (tmp_path / "ckpt").mkdir()
+    monkeypatch.setattr(easylm, "EasylmFile", None)  # reading would fail differently
+    with pytest.raises(FileExistsError, match="already exists"):
+        import_easylm(f"params::{params_files['mha']}", tmp_path / "ckpt")
 
 
 def test_export_refuses_an_existing_file(params_files, tmp_path):

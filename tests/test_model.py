@@ -111,3 +111,21 @@ def test_num_params_counts_exactly_the_initialized_parameters(overrides):
 def test_unknown_preset_is_an_error_listing_the_allowed_names():
     with pytest.raises(ValueError, match=r"unknown model preset '70b'.*'7b'"):
         LlamaConfig.preset("70b")
+
+
+@pytest.mark.parametrize("policy", ["none", "full", "dots_no_batch"])
+def test_scanned_blocks_give_the_logits_and_gradients_of_the_unrolled_ones(policy):
+    config = LlamaConfig.preset("tiny", num_key_value_heads=2, remat_policy=policy, kernels="reference")
+    scanned = dataclasses.replace(config, scan_layers=True)
+    params = init_params(config, seed=4)
+    assert jax.tree.structure(init_params(scanned, seed=4)) == jax.tree.structure(params)  # checkpoints unchanged
+    ids = jnp.asarray(random_ids(2, 12))
+
+    def loss(c):
+        return lambda p: Llama(c).apply({"params": p}, ids)[0].astype(jnp.float32).std()
+
+    np.testing.assert_allclose(forward(scanned, params, np.asarray(ids)), forward(config, params, np.asarray(ids)),
+                               atol=1e-5)
+    for a, b in zip(jax.tree.leaves(jax.grad(loss(scanned))(params)), jax.tree.leaves(jax.grad(loss(config))(params)),
+                    strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)

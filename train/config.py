@@ -25,6 +25,7 @@ class ModelSection:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat_policy: str = "none"
+    scan_layers: bool = False  # one scanned block body instead of one per layer (TPU presets: compile time)
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -139,7 +140,8 @@ class TrainConfig:
         m = self.model
         try:
             return LlamaConfig.preset(
-                m.preset, param_dtype=m.param_dtype, dtype=m.dtype, remat_policy=m.remat_policy, **m.overrides
+                m.preset, param_dtype=m.param_dtype, dtype=m.dtype, remat_policy=m.remat_policy,
+                scan_layers=m.scan_layers, **m.overrides
             )
         except (TypeError, ValueError) as error:
             raise ConfigError(f"model: {error}") from error

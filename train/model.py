@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from openllama.train import kernels
+from openllama.train.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # What the backward pass keeps from the forward; the rest it recomputes. The CPU kernels carry their own
@@ -51,6 +52,7 @@ class LlamaConfig:
     dtype: str = "float32"
     remat_policy: str = "none"
     kernels: str = "auto"  # how matmul and attention run (train/kernels.py); not part of the architecture
+    scan_layers: bool = False  # run the blocks as one scanned body (compile time and memory flat in depth)
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -177,9 +179,10 @@ class Attention(nn.Module):
         q = Dense(c.num_attention_heads * c.head_dim, c, name="q_proj")(x)
         k = Dense(c.num_key_value_heads * c.head_dim, c, name="k_proj")(x)
         v = Dense(c.num_key_value_heads * c.head_dim, c, name="v_proj")(x)
-        q = rotary(q.reshape(batch, seq, c.num_attention_heads, c.head_dim), *rope)
-        k = rotary(k.reshape(batch, seq, c.num_key_value_heads, c.head_dim), *rope)
-        v = v.reshape(batch, seq, c.num_key_value_heads, c.head_dim)
+        heads = ("batch", "seq", "heads", "head_dim")
+        q = constrain(rotary(q.reshape(batch, seq, c.num_attention_heads, c.head_dim), *rope), *heads)
+        k = constrain(rotary(k.reshape(batch, seq, c.num_key_value_heads, c.head_dim), *rope), *heads)
+        v = constrain(v.reshape(batch, seq, c.num_key_value_heads, c.head_dim), *heads)
         if cache is None:
             out = kernels.attention(q, k, v, mask, c.kernels)  # mask None: causal
         else:
@@ -203,7 +206,7 @@ class MLP(nn.Module):
         c = self.config
         gate = Dense(c.intermediate_size, c, name="gate_proj")(x)
         up = Dense(c.intermediate_size, c, name="up_proj")(x)
-        return Dense(c.hidden_size, c, name="down_proj")(nn.silu(gate) * up)
+        return Dense(c.hidden_size, c, name="down_proj")(constrain(nn.silu(gate) * up, "batch", "seq", "mlp"))
 
 
 class Block(nn.Module):
@@ -218,7 +221,7 @@ class Block(nn.Module):
         )
         x = x + attn_out
         x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="post_attention_layernorm")(x))
-        return x, cache
+        return constrain(x, "batch", "seq", "embed"), cache
 
 
 class Llama(nn.Module):
@@ -269,14 +272,30 @@ class Llama(nn.Module):
         if positions is None:
             start = 0 if cache is None else cache[0]["index"]
             positions = start + jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-        x = self.embed_tokens(input_ids)
+        x = constrain(self.embed_tokens(input_ids), "batch", "seq", "embed")
         rope = rotary_tables(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        if self.config.scan_layers and cache is None and not self.is_initializing():
+            return self.norm(self.scanned_blocks(x, rope, mask)), None
         new_cache = [] if cache is not None else None
         for i, layer in enumerate(self.layers):
             x, layer_cache = layer(x, rope, None if cache is None else cache[i], mask)
             if new_cache is not None:
                 new_cache.append(layer_cache)
         return self.norm(x), new_cache
+
+    def scanned_blocks(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array | None) -> jax.Array:
+        """The blocks as `lax.scan` over their stacked parameters: one block body for XLA to compile and
+        schedule, whatever the depth. The parameters stay one tree per layer, as checkpoints hold them."""
+        c = self.config
+        layers = [self.variables["params"][f"layers_{i}"] for i in range(c.num_hidden_layers)]
+        stacked = jax.tree.map(lambda *per_layer: jnp.stack(per_layer), *layers)
+
+        def block(x: jax.Array, params: dict) -> tuple[jax.Array, None]:
+            return Block(c, parent=None).apply({"params": params}, x, rope, None, mask)[0], None
+
+        if REMAT_POLICIES[c.remat_policy] is not None:
+            block = jax.checkpoint(block, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=False)
+        return jax.lax.scan(block, x, stacked)[0]
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Float32 logits over the vocabulary for hidden states of any leading shape."""

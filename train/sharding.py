@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -38,9 +39,33 @@ RULES: tuple[tuple[str, P], ...] = (
 )
 
 
+# logical activation axis -> mesh axes; the model names what an axis is, this table where it lives
+ACTIVATION_AXES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": BATCH_AXES, "seq": None, "embed": None, "heads": HEADS_AXIS, "head_dim": None, "mlp": HEADS_AXIS,
+    "vocab": HEADS_AXIS,
+}
+
+
+def constrain(x: jax.Array, *logical: str) -> jax.Array:
+    """`x` laid out on the mesh in context as its logical axes say (a no-op without a mesh).
+
+    Without these, XLA may carry the parameters' FSDP layout (hidden axis over all chips) into the
+    activations and pay for it with an all-reduce per normalization and product.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = P(*(ACTIVATION_AXES[name] for name in logical))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
 def make_mesh(shape: tuple[int, int, int], devices: list | None = None) -> Mesh:
-    """A (dp, fsdp, tp) mesh; devices in process order so each process holds a contiguous batch slice."""
+    """A (dp, fsdp, tp) mesh. On TPU the devices follow the slice's physical torus (neighbours on a mesh
+    axis are neighbours on the interconnect); elsewhere they go in process order, so each process holds
+    a contiguous slice of the batch."""
     devices = devices if devices is not None else jax.devices()
+    if devices[0].platform == "tpu":
+        return Mesh(mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True), AXES)
     ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
     return Mesh(np.array(ordered).reshape(shape), AXES)
 

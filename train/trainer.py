@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,11 @@ from jax.experimental import multihost_utils
 from openllama.commands import WorkFailed
 from openllama.config import ConfigError
 from openllama.data.shards import PackedDataset
-from openllama.train import sharding, step
 from openllama.train.checkpoint import RunDir, restore_step, save_step
-from openllama.train.config import TrainConfig, mesh_shape, validate
+from openllama.train.config import TrainConfig, validate
 from openllama.train.heldout import heldout_metrics
 from openllama.train.loader import GlobalBatches, local_rows
-from openllama.train.model import init_params
+from openllama.train.program import make_program
 
 log = logging.getLogger("openllama.train")
 
@@ -111,53 +111,13 @@ class Trainer:
         self.run = RunDir(config.run_dir)
         self.rank = jax.process_index()
         validate(config, jax.device_count())
-        self.mesh = sharding.make_mesh(mesh_shape(config, jax.device_count()))
-        self.batch_sharding = sharding.batch_sharding(self.mesh)
+        self.program = make_program(config, jax.devices(), self.llama)
+        self.train_step = self.program.train_step  # an attribute of its own: tests wrap it to inject faults
         train_data, self.validation = open_datasets(config)
         self.batches = GlobalBatches(train_data, config.train.global_batch_size, config.train.seed,
                                      config.data.weights)
-        self.local_rows = local_rows(self.batch_sharding, config.train.global_batch_size)
+        self.local_rows = local_rows(self.program.batch_sharding, config.train.global_batch_size)
         self.tokenizer = tokenizer_path(config, train_data.manifest)
-
-        o = config.optimizer
-        self.schedule = step.learning_rate(o.peak_lr, o.end_lr, o.warmup_steps, config.decay_steps())
-        optimizer = step.make_optimizer(
-            self.schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, clip_norm=o.clip_norm,
-            decay_embeddings=o.decay_embeddings,
-        )
-        params_shape = jax.eval_shape(lambda: init_params(self.llama, config.train.seed))
-        param_shardings = sharding.param_shardings(params_shape, self.mesh)
-        opt_shape = jax.eval_shape(optimizer.init, params_shape)
-        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        self.state_shardings = {
-            "params": param_shardings,
-            "opt_state": sharding.state_shardings(opt_shape, params_shape, self.mesh),
-            "step": replicated,
-        }
-        self.abstract_state = jax.tree.map(
-            lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-            {"params": params_shape, "opt_state": opt_shape, "step": jax.ShapeDtypeStruct((), np.int32)},
-            self.state_shardings,
-        )
-
-        def fresh_state() -> dict:
-            params = init_params(self.llama, config.train.seed)
-            return {"params": params, "opt_state": optimizer.init(params), "step": np.int32(0)}
-
-        self.init_state = jax.jit(fresh_state, out_shardings=self.state_shardings)
-        train_step = step.make_train_step(
-            self.llama, optimizer, self.schedule, config.train.micro_batches,
-            skip_nonfinite=config.train.on_nonfinite == "skip", batch_sharding=self.batch_sharding,
-        )
-        self.train_step = jax.jit(
-            train_step, in_shardings=(self.state_shardings, self.batch_sharding),
-            out_shardings=(self.state_shardings, replicated), donate_argnums=0,
-        )
-        self.eval_step = jax.jit(
-            step.make_eval_step(self.llama), in_shardings=(param_shardings, self.batch_sharding,
-                                                             self.batch_sharding),
-            out_shardings=replicated,
-        )
         self.peak_flops = peak_flops_per_device(config) * jax.device_count()
         self.flops_per_step = self.llama.flops_per_token(config.train.seq_len) * self.tokens_per_step
 
@@ -167,7 +127,7 @@ class Trainer:
 
     def global_array(self, local: np.ndarray, global_shape: tuple[int, ...]) -> jax.Array:
         """This process's rows of a global batch as one array sharded over the mesh's batch axes."""
-        return jax.make_array_from_process_local_data(self.batch_sharding, local, global_shape)
+        return jax.make_array_from_process_local_data(self.program.batch_sharding, local, global_shape)
 
     def start(self) -> dict:
         """A fresh train state, or the newest complete checkpoint's (any worker count wrote it)."""
@@ -177,11 +137,11 @@ class Trainer:
         multihost_utils.sync_global_devices("partial checkpoints removed")
         latest = self.run.latest()
         if latest is None:
-            return self.init_state()
+            return self.program.init_state()
         step_number, path = latest
         log.info("resuming from %s (step %d)", path, step_number)
-        state, _ = restore_step(path, self.abstract_state)
-        state["step"] = jax.device_put(np.int32(step_number), self.state_shardings["step"])
+        state, _ = restore_step(path, self.program.abstract_state)
+        state["step"] = jax.device_put(np.int32(step_number), self.program.state_shardings["step"])
         return state
 
     def evaluate(self, params: Any) -> dict[str, float]:
@@ -191,7 +151,7 @@ class Trainer:
         batch = self.config.train.global_batch_size
 
         def score(tokens: np.ndarray, weight: np.ndarray) -> tuple[float, float]:
-            total, count = self.eval_step(params, self.global_array(tokens[self.local_rows], tokens.shape),
+            total, count = self.program.eval_step(params, self.global_array(tokens[self.local_rows], tokens.shape),
                                           self.global_array(weight[self.local_rows], weight.shape))
             return float(total), float(count)
 
@@ -209,7 +169,8 @@ class Trainer:
         error: BaseException | None = None
         result: dict[str, float] | None = None
         try:
-            result = self._train()
+            with jax.set_mesh(self.program.mesh):  # kernels that run per shard (splash) find the mesh here
+                result = self._train()
             return result
         except BaseException as caught:
             error = caught
@@ -219,6 +180,9 @@ class Trainer:
                 hook.on_finish(result, error)
 
     def _train(self) -> dict[str, float]:
+        """The loop. The chips never wait for the host: the next batch is read by a background thread while
+        a step runs, and a step's metrics are read only once the following step is queued (at once on
+        steps that evaluate or save, which need them)."""
         config = self.config
         state = self.start()
         first = int(state["step"])
@@ -226,36 +190,61 @@ class Trainer:
             hook.on_start(first)
         last_saved = first
         metrics: dict[str, float] = {}
-        for index in range(first, config.train.steps):
-            started = time.perf_counter()
-            tokens = self.batches.read(index, self.local_rows)
-            batch_shape = (config.train.global_batch_size, tokens.shape[1])
-            state, device_metrics = self.train_step(state, self.global_array(tokens, batch_shape))
-            values = {k: float(v) for k, v in device_metrics.items()}
-            seconds = time.perf_counter() - started
-            done = index + 1
-            if not values["finite"]:
-                message = (f"step {done}: loss={values['loss']} grad_norm={values['grad_norm']} is not finite; "
-                           f"the last good checkpoint is kept in {self.run.checkpoints}")
-                if config.train.on_nonfinite == "stop":
-                    raise NonFiniteLoss(message + " (set train.on_nonfinite=skip to skip such updates)")
-                log.warning("%s; update skipped", message)
-            metrics = {
-                "loss": values["loss"], "learning_rate": values["learning_rate"], "grad_norm": values["grad_norm"],
-                "tokens_seen": float(done * self.tokens_per_step), "step_time_s": seconds,
-                "tokens_per_s": self.tokens_per_step / seconds,
-                "mfu": self.flops_per_step / seconds / self.peak_flops,
-            }
-            if config.eval.every_steps and (done % config.eval.every_steps == 0 or done == config.train.steps):
-                metrics.update(self.evaluate(state["params"]))
-            if self.rank == 0 and (done % config.train.log_every == 0 or done == config.train.steps):
-                log.info("step %d/%d loss %.4f lr %.2e %.0f tokens/s mfu %.1f%%", done, config.train.steps,
-                         metrics["loss"], metrics["learning_rate"], metrics["tokens_per_s"], 100 * metrics["mfu"])
-            for hook in self.hooks:
-                hook.after_step(done, metrics)
-            if done % config.checkpoint.every_steps == 0 or done == config.train.steps:
-                path = self.save(state)
-                last_saved = done
-                for hook in self.hooks:
-                    hook.on_checkpoint(done, path, metrics)
+        batch_shape = (config.train.global_batch_size, config.train.seq_len + 1)
+        reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")
+        next_batch = reader.submit(self.batches.read, first, self.local_rows)
+        pending: tuple[int, dict, float] | None = None  # the step queued last, its metrics not read yet
+        self.last_finished = time.perf_counter()
+        try:
+            for index in range(first, config.train.steps):
+                waited = time.perf_counter()
+                tokens = next_batch.result()
+                data_wait = time.perf_counter() - waited
+                if index + 1 < config.train.steps:
+                    next_batch = reader.submit(self.batches.read, index + 1, self.local_rows)
+                state, device_metrics = self.train_step(state, self.global_array(tokens, batch_shape))
+                if pending is not None:
+                    self.after_step(*pending)
+                done = index + 1
+                pending = (done, device_metrics, data_wait)
+                evaluates = config.eval.every_steps and (done % config.eval.every_steps == 0
+                                                         or done == config.train.steps)
+                saves = done % config.checkpoint.every_steps == 0 or done == config.train.steps
+                if evaluates or saves:
+                    metrics = self.after_step(*pending, extra=self.evaluate(state["params"]) if evaluates else {})
+                    pending = None
+                if saves:
+                    path = self.save(state)
+                    last_saved = done
+                    for hook in self.hooks:
+                        hook.on_checkpoint(done, path, metrics)
+        finally:
+            reader.shutdown(wait=False, cancel_futures=True)
         return {**metrics, "step": last_saved}
+
+    def after_step(self, done: int, device_metrics: dict, data_wait: float,
+                   extra: dict[str, float] | None = None) -> dict[str, float]:
+        """Read step `done`'s metrics from the device (waiting for it), check them, log them, call the hooks."""
+        config = self.config
+        values = {k: float(v) for k, v in device_metrics.items()}
+        now = time.perf_counter()
+        seconds, self.last_finished = now - self.last_finished, now  # in steady state, one step of the pipeline
+        if not values["finite"]:
+            message = (f"step {done}: loss={values['loss']} grad_norm={values['grad_norm']} is not finite; "
+                       f"the last good checkpoint is kept in {self.run.checkpoints}")
+            if config.train.on_nonfinite == "stop":
+                raise NonFiniteLoss(message + " (set train.on_nonfinite=skip to skip such updates)")
+            log.warning("%s; update skipped", message)
+        metrics = {
+            "loss": values["loss"], "learning_rate": values["learning_rate"], "grad_norm": values["grad_norm"],
+            "tokens_seen": float(done * self.tokens_per_step), "step_time_s": seconds,
+            "tokens_per_s": self.tokens_per_step / seconds, "mfu": self.flops_per_step / seconds / self.peak_flops,
+            "data_wait_s": data_wait, **(extra or {}),
+        }
+        if self.rank == 0 and (done % config.train.log_every == 0 or done == config.train.steps):
+            log.info("step %d/%d loss %.4f lr %.2e %.0f tokens/s mfu %.1f%% data wait %.3f s", done,
+                     config.train.steps, metrics["loss"], metrics["learning_rate"], metrics["tokens_per_s"],
+                     100 * metrics["mfu"], data_wait)
+        for hook in self.hooks:
+            hook.after_step(done, metrics)
+        return metrics

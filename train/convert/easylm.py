@@ -357,6 +357,9 @@ class EasylmFile:
     def __init__(self, spec: str) -> None:
         given_type, self.path = split_load_spec(spec)
         load_type = given_type
+        if self.path.is_dir():
+            raise ConversionError(f"EasyLM checkpoint {self.path} is a directory; name the file in it "
+                                  "(streaming_params, streaming_train_state, ...)")
         if not self.path.is_file():
             raise ConversionError(f"EasyLM checkpoint {self.path} does not exist")
         with open(self.path, "rb") as stream:
@@ -462,9 +465,7 @@ def infer_config(
         if preset not in PRESETS:
             raise ConversionError(f"--preset {preset!r} does not exist; allowed: {sorted(PRESETS)}")
         fields.setdefault("num_key_value_heads", fields.get("num_attention_heads", PRESETS[preset].num_key_value_heads))
-        config = build_config(LlamaConfig.preset, (preset,), fields, source)
-        log.info("%s: architecture of --preset %s", source.path, preset)
-        return config
+        return build_config(LlamaConfig.preset, (preset,), fields, source)
 
     shapes = source.shapes()
 
@@ -595,6 +596,8 @@ def import_easylm(
         raise ConversionError(f"--preset {preset!r} does not exist; allowed: {sorted(PRESETS)}")
     if tokenizer is not None and not Path(tokenizer).is_file():
         raise ConversionError(f"--tokenizer {tokenizer} does not exist")
+    if Path(ckpt).exists():  # refused before the file is read, not after
+        raise FileExistsError(f"checkpoint {Path(ckpt).absolute()} already exists; choose a new path or remove it")
     config, params = read_easylm(spec, preset, num_heads, num_kv_heads, **unseen)
     return checkpoint.save_model(ckpt, params, config, tokenizer)
 

@@ -1,0 +1,144 @@
+"""`openllama plan`: the train step compiled by the TPU compiler itself for a slice this machine does not have.
+
+Small models on a v4-8 (one host) and a v4-32 (four hosts) keep each compile to seconds; the published
+presets are planned by `bench/plan.py` (`make plan`), not here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from openllama.train.plan import collective_bytes, executed_flops, group_size, sent_bytes
+
+TINY_ON = {
+    "v4-8": ["scaling.topology=2x2x1", "scaling.num_workers=1"],
+    "v4-32": ["scaling.topology=2x2x4", "scaling.num_workers=4"],
+}
+TINY = ["scaling.use_tpu=true", "scaling.accelerator_type=TPU-V4", "mesh.dp=1", "mesh.fsdp=-1",
+        "train.global_batch_size=16", "train.seq_len=256", "model.dtype=bfloat16"]
+
+
+def plan(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TPU_SKIP_MDS_QUERY": "1"}
+    return subprocess.run([sys.executable, "-m", "openllama.cli", "plan", *args], env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module", params=sorted(TINY_ON))
+def planned(request) -> dict:
+    done = plan("tiny-cpu", *TINY, *TINY_ON[request.param], "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def test_the_step_is_compiled_for_every_chip_of_the_slice(planned):
+    chips = {"v4-8": 4, "v4-32": 16}[planned["slice"]]
+    assert planned["devices"] == chips and planned["mesh"] == {"dp": 1, "fsdp": chips, "tp": 1}
+    assert planned["compile_seconds"] > 0
+
+
+def test_memory_is_the_compilers_arguments_outputs_and_temporaries(planned):
+    m = planned["memory"]
+    assert planned["hbm_needed_bytes"] == m["arguments"] + m["outputs"] - m["aliased"] + m["temporaries"]
+    assert m["aliased"] > 0  # the donated train state
+    assert planned["fits"] and planned["hbm_needed_bytes"] < planned["hbm_capacity_bytes"] == int(30.75 * 2**30)
+
+
+def test_executed_flops_cover_the_model_and_the_cpu_kernels_stay_off_the_tpu(planned):
+    assert planned["kernels"] == "splash"
+    assert 1.0 <= planned["executed_flops_per_step"] / planned["model_flops_per_step"] < 2.0
+
+
+def test_collectives_are_counted_on_a_multi_host_slice(planned):
+    if planned["slice"] == "v4-8":
+        pytest.skip("measured on the multi-host slice")
+    assert planned["collective_bytes_per_step"] > 0 and planned["fsdp_minimum_bytes_per_step"] > 0
+    assert planned["collective_bytes_by_kind"]["all-gather"] > 0
+
+
+def test_a_step_that_does_not_fit_exits_1_and_says_so():
+    huge = ["model.overrides={vocab_size: 32000}", "train.global_batch_size=4096"]
+    done = plan("tiny-cpu", *TINY, *TINY_ON["v4-8"], *huge)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "DOES NOT FIT" in done.stdout
+    assert "Ray: 1 workers x 4 chips = 4 chips of v4-8 (2x2x1)" in done.stdout
+
+
+def test_a_config_for_no_tpu_slice_is_bad_input_in_one_line():
+    done = plan("tiny-cpu")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("openllama plan: plan compiles for a TPU slice")
+
+
+def test_a_worker_count_ray_would_misplace_is_refused_before_compiling():
+    done = plan("tiny-cpu", *TINY, "scaling.topology=2x2x4", "scaling.num_workers=8")
+    assert done.returncode == 2 and "set scaling.num_workers=4 (one worker per host)" in done.stderr
+
+
+# --- the counters, on programs whose answers are known ----------------------------------------------------
+
+
+def test_flops_count_products_in_scans_remat_and_gradients():
+    a, b = jnp.ones((8, 16)), jnp.ones((16, 32))
+    product = 2 * 8 * 16 * 32
+    assert executed_flops(jax.make_jaxpr(lambda x, y: x @ y)(a, b).jaxpr) == product
+
+    def scanned(x, y):
+        return jax.lax.scan(lambda c, _: (c, c @ y), x, None, length=5)[1]
+
+    assert executed_flops(jax.make_jaxpr(scanned)(a, b).jaxpr) == 5 * product
+    plain = executed_flops(jax.make_jaxpr(jax.grad(lambda x, y: jnp.sum(jnp.tanh(x @ y) @ y.T)))(a, b).jaxpr)
+    remat = executed_flops(jax.make_jaxpr(jax.grad(jax.checkpoint(
+        lambda x, y: jnp.sum(jnp.tanh(x @ y) @ y.T), policy=jax.checkpoint_policies.nothing_saveable)))(a, b).jaxpr)
+    assert plain == 5 * product  # two products forward, three gradient products (x's is not needed... y's twice)
+    assert remat == plain + 2 * product  # the forward products again
+
+
+HLO = """HloModule step
+
+%body (p: (s32[], f32[1024])) -> (s32[], f32[1024]) {
+  %p = (s32[], f32[1024]) parameter(0)
+  %x = f32[1024]{0} get-tuple-element(%p), index=1
+  %ag-start = (f32[256]{0}, f32[1024]{0}) all-gather-start(%x), channel_id=1, replica_groups={{0,1,2,3}}, dimensions={0}
+  %ag = f32[1024]{0} all-gather-done(%ag-start)
+  ROOT %t = (s32[], f32[1024]) tuple(%i, %ag)
+}
+
+%cond (p: (s32[], f32[1024])) -> pred[] {
+  %p = (s32[], f32[1024]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(6)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (x: f32[1024], g: bf16[64,32]) -> f32[1024] {
+  %x = f32[1024]{0} parameter(0)
+  %g = bf16[64,32]{1,0} parameter(1)
+  %w = (s32[], f32[1024]) while(%init), condition=%cond, body=%body
+  %rs = bf16[16,32]{1,0} reduce-scatter(%g), channel_id=2, replica_groups=[1,4]<=[4], dimensions={0}, to_apply=%add
+  %ar = f32[1024]{0} all-reduce(%x), replica_groups=mesh['axis_0'=2,'axis_1'=2] {'axis_0','axis_1'}, to_apply=%add
+  ROOT %cp = f32[1024]{0} collective-permute(%ar), channel_id=4, source_target_pairs={{0,1},{1,2},{2,3},{3,0}}
+}
+"""
+
+
+def test_collective_bytes_of_a_program_written_from_the_hlo_text_format():
+    sent = collective_bytes(HLO)
+    assert sent["all-gather"] == 6 * 4096 * 3 / 4  # in a loop of 6: a 4 KiB result, 3 of its 4 parts come in
+    assert sent["reduce-scatter"] == 16 * 32 * 2 * 3  # its bf16 [16, 32] result came from 4 such parts
+    assert sent["all-reduce"] == 2 * 4096 * 3 / 4
+    assert sent["collective-permute"] == 4096
+
+
+def test_replica_groups_in_every_notation_give_their_group_size():
+    assert group_size("replica_groups={{0,1,2},{3,4,5}}, dimensions={0}") == 3
+    assert group_size("replica_groups=[16,16]<=[256]") == 16
+    assert group_size("replica_groups=mesh['axis_0'=4,'axis_1'=64] {'axis_1'}") == 64
+    assert sent_bytes("all-gather", 1024, 1) == 0
