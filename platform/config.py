@@ -11,11 +11,13 @@ import dataclasses
 import re
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
+from openllama import commands
 from openllama.commands import BadInput
 
 T = TypeVar("T")
@@ -200,6 +202,15 @@ def from_arguments(cls: type[T], args: argparse.Namespace) -> T:
         if given is not None:
             values[f.name] = given
     return build(cls, apply_overrides(values, getattr(args, "overrides", None) or []))
+
+
+def run_command(parser: argparse.ArgumentParser, cls: type[T], argv: list[str],
+                work: Callable[[T], int | None]) -> int:
+    """A command's whole life: parse `argv` (its flags and `--config`/`--set`), build its typed config,
+    and run `work` on it under the exit-code convention of `openllama.commands`."""
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    return commands.run(parser.prog, lambda: work(from_arguments(cls, args)))
 
 
 def describe(cls: type, overrides: list[str] | None = None) -> dict[str, Any]:

@@ -40,24 +40,6 @@ def temporary_name(target: Path) -> Path:
     return target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def write_bytes(target: str | Path, data: bytes) -> None:
-    """Publish `data` at `target` (a local path or a URI) whole, replacing what was there."""
-    fs, path = filesystem(target)
-    if isinstance(fs, pafs.LocalFileSystem):
-        local = Path(path)
-        local.parent.mkdir(parents=True, exist_ok=True)
-        temporary = temporary_name(local)
-        try:
-            temporary.write_bytes(data)
-            os.replace(temporary, local)
-        finally:
-            temporary.unlink(missing_ok=True)
-        return
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as stream:
-        stream.write(data)
-
-
 @contextmanager
 def open_output(target: str | Path) -> Iterator[Any]:
     """A writable stream whose bytes appear at `target` (local path or URI) only when the block succeeds."""
@@ -76,6 +58,12 @@ def open_output(target: str | Path) -> Iterator[Any]:
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as stream:
         yield stream
+
+
+def write_bytes(target: str | Path, data: bytes) -> None:
+    """Publish `data` at `target` (a local path or a URI) whole, replacing what was there."""
+    with open_output(target) as stream:
+        stream.write(data)
 
 
 def write_text(target: str | Path, text: str) -> None:

@@ -244,7 +244,7 @@ def test_held_out_perplexity_is_logged_per_subset(one_worker):
 
 
 def test_run_records_throughput_and_mfu(one_worker):
-    for key in ("tokens_per_s", "mfu", "grad_norm", "learning_rate", "tokens_seen", "step_time_s"):
+    for key in ("tokens_per_s", "mfu", "grad_norm", "learning_rate", "tokens_seen", "step_time_s", "data_wait_s"):
         assert sorted(one_worker.history(key)) == list(range(1, STEPS + 1)), key
     assert one_worker.history("tokens_seen")[STEPS][0] == STEPS * 8 * SEQ_LEN
 

@@ -46,6 +46,10 @@ class TrainSection:
     seed: int = 0
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/Inf loss stops the run, or its update is skipped
     log_every: int = 10  # steps between progress log lines and MLflow flushes
+    # weights to start from instead of a fresh init: one of our checkpoints (or a run dir), a Hugging Face
+    # LLaMA directory, or an EasyLM file (params::FILE); the optimizer, step and data position start fresh.
+    # A run that has checkpoints of its own resumes from them instead.
+    init_from: str | None = None
 
 
 @dataclass

@@ -23,7 +23,7 @@ from openllama.data import tokenize, tokenizer
 from openllama.data.shards import DatasetNotFinished, PackedDataset
 from openllama.train.checkpoint import MODEL_JSON, TOKENIZER, RunDir
 from openllama.train.config import TrainConfig, load_config, validate
-from openllama.train.trainer import Hook, Trainer
+from openllama.train.trainer import Hook, Trainer, check_start, open_datasets, tokenizer_path
 
 log = logging.getLogger("openllama.train")
 
@@ -230,6 +230,9 @@ def main(argv: list[str]) -> int:
             return 0
         ray_jobs.connect(args.address)
         ensure_dataset(config)
+        if config.train.init_from:  # a source that cannot start this run fails here, before any worker
+            train_data, _ = open_datasets(config)
+            check_start(config, tokenizer_path(config, train_data.manifest))
         try:
             result = fit(config, args.address)
         except Exception as error:

@@ -23,8 +23,10 @@ from jax.experimental import multihost_utils
 from openllama.commands import WorkFailed
 from openllama.config import ConfigError
 from openllama.data.shards import PackedDataset
+from openllama.data.tokenizer import load_for_model
 from openllama.train.checkpoint import RunDir, restore_step, save_step
 from openllama.train.config import TrainConfig, validate
+from openllama.train.convert.sources import check_architecture, load_params
 from openllama.train.heldout import heldout_metrics
 from openllama.train.loader import GlobalBatches, local_rows
 from openllama.train.program import make_program
@@ -99,6 +101,14 @@ def tokenizer_path(config: TrainConfig, manifest: dict) -> Path | None:
     return Path(path) if path and Path(path).is_file() else None
 
 
+def check_start(config: TrainConfig, tokenizer: Path | None) -> None:
+    """Weights to start from fit the run's model, and the run's tokenizer fits them: before any work."""
+    llama = config.llama()
+    check_architecture(config.train.init_from, llama)
+    if tokenizer is not None:
+        load_for_model(tokenizer, llama.vocab_size, llama.bos_token_id, llama.eos_token_id)
+
+
 class Trainer:
     """Everything one worker process holds for a run: mesh, jitted steps, data plan, hooks."""
 
@@ -118,6 +128,8 @@ class Trainer:
                                      config.data.weights)
         self.local_rows = local_rows(self.program.batch_sharding, config.train.global_batch_size)
         self.tokenizer = tokenizer_path(config, train_data.manifest)
+        if config.train.init_from:
+            check_start(config, self.tokenizer)
         self.peak_flops = peak_flops_per_device(config) * jax.device_count()
         self.flops_per_step = self.llama.flops_per_token(config.train.seq_len) * self.tokens_per_step
 
@@ -136,6 +148,12 @@ class Trainer:
                 log.warning("removing partial checkpoint %s (a save that did not finish)", path)
         multihost_utils.sync_global_devices("partial checkpoints removed")
         latest = self.run.latest()
+        if latest is None and self.config.train.init_from:
+            log.info("starting from the weights of %s (train.init_from)", self.config.train.init_from)
+            state = self.program.init_state()
+            state["params"] = load_params(self.config.train.init_from, self.llama,
+                                          self.program.state_shardings["params"])
+            return state
         if latest is None:
             return self.program.init_state()
         step_number, path = latest

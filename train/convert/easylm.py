@@ -50,7 +50,7 @@ from flax import serialization
 from tqdm import tqdm
 
 from openllama import commands, files
-from openllama.config import ConfigError, add_config_arguments, from_arguments
+from openllama.config import ConfigError, run_command
 from openllama.train import checkpoint
 from openllama.train.convert.tree import (
     ConversionError,
@@ -706,19 +706,15 @@ def main(argv: list[str]) -> int:
                                                       "preset with the file's shapes)")
     parser.add_argument("--num-kv-heads", type=int, help="key/value heads (default: from wk's width)")
     parser.add_argument("--tokenizer", help="tokenizer.model to keep with the weights")
-    add_config_arguments(parser)
-    args = parser.parse_args(argv)
 
-    def work() -> int:
+    def work(config: ImportEasylmConfig) -> None:
         commands.quiet_libraries()
-        config = from_arguments(ImportEasylmConfig, args)
         unseen = {name: getattr(config, name) for name in UNSEEN_FIELDS}
         path = import_easylm(config.file, config.checkpoint, config.preset, config.tokenizer, config.num_heads,
                              config.num_kv_heads, **unseen)
         print(f"wrote {path}: {describe(checkpoint.read_config(path))}")
-        return 0
 
-    return commands.run("openllama import-easylm", work)
+    return run_command(parser, ImportEasylmConfig, argv, work)
 
 
 def export_main(argv: list[str]) -> int:
@@ -727,12 +723,8 @@ def export_main(argv: list[str]) -> int:
     parser.add_argument("checkpoint", help="model checkpoint, or a training run directory (newest checkpoint)")
     parser.add_argument("file", help="new EasyLM streaming file; EasyLM loads it as params::FILE")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="tensor dtype (default: the checkpoint's)")
-    add_config_arguments(parser)
-    args = parser.parse_args(argv)
 
-    def work() -> int:
-        config = from_arguments(ExportEasylmConfig, args)
+    def work(config: ExportEasylmConfig) -> None:
         print(f"wrote {export_easylm(config.checkpoint, config.file, config.dtype)}")
-        return 0
 
-    return commands.run("openllama export-easylm", work)
+    return run_command(parser, ExportEasylmConfig, argv, work)

@@ -26,7 +26,7 @@ from safetensors.numpy import save_file
 
 from openllama import commands, files
 from openllama.commands import BadInput
-from openllama.config import ConfigError, add_config_arguments, from_arguments
+from openllama.config import ConfigError, run_command
 from openllama.data.tokenizer import load_for_model, write_tokenizer
 from openllama.train import checkpoint
 from openllama.train.convert.tree import (
@@ -318,17 +318,13 @@ def export_main(argv: list[str]) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="tensor dtype (default: the checkpoint's)")
     parser.add_argument("--max-shard-size", help="shard past this size (default 5GB)")
     parser.add_argument("--tokenizer", help="tokenizer.model to ship (default: the checkpoint's)")
-    add_config_arguments(parser)
-    args = parser.parse_args(argv)
 
-    def work() -> int:
-        config = from_arguments(ExportHfConfig, args)
+    def work(config: ExportHfConfig) -> None:
         out = export_hf(config.checkpoint, config.out_dir, config.dtype, size_in_bytes(config.max_shard_size),
                         config.tokenizer)
         print(f"wrote {out}")
-        return 0
 
-    return commands.run("openllama export-hf", work)
+    return run_command(parser, ExportHfConfig, argv, work)
 
 
 def import_main(argv: list[str]) -> int:
@@ -337,12 +333,8 @@ def import_main(argv: list[str]) -> int:
     parser.add_argument("hf_dir", help="Hugging Face model directory (config.json + safetensors)")
     parser.add_argument("checkpoint", help="new checkpoint directory")
     parser.add_argument("--tokenizer", help="tokenizer.model to keep (default: the directory's)")
-    add_config_arguments(parser)
-    args = parser.parse_args(argv)
 
-    def work() -> int:
-        config = from_arguments(ImportHfConfig, args)
+    def work(config: ImportHfConfig) -> None:
         print(f"wrote {import_hf(config.hf_dir, config.checkpoint, config.tokenizer)}")
-        return 0
 
-    return commands.run("openllama import-hf", work)
+    return run_command(parser, ImportHfConfig, argv, work)

@@ -1,0 +1,112 @@
+"""Weights a training run can start from (`train.init_from`): one of our checkpoints, a Hugging Face LLaMA
+directory, or an EasyLM file (`params::FILE` and the other load types), read into the run's own layout.
+
+Each parameter is placed straight into its sharding: from our checkpoints orbax reads only the shards a
+process holds, from safetensors only the slices its devices hold, and an EasyLM file is streamed one
+tensor at a time; no host holds the whole model. The architecture must be the run's (`model.*`); a field
+that differs is named.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from safetensors import safe_open
+
+from openllama.config import ConfigError
+from openllama.train import checkpoint
+from openllama.train.convert import easylm, hf
+from openllama.train.convert.tree import get_path, set_path
+from openllama.train.model import DTYPES, LlamaConfig
+
+# what a source must share with the run; dtypes, remat, kernels and scan are the run's to choose
+ARCHITECTURE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "max_position_embeddings", "rope_theta", "rms_norm_eps", "tie_word_embeddings",
+                "bos_token_id", "eos_token_id")
+
+
+def kind_of(source: str) -> str:
+    """`ours`, `hf` or `easylm`, from what the path holds (an EasyLM file may name its load type)."""
+    path = Path(source.split("::", 1)[-1])
+    if "::" in source or path.is_file():
+        return "easylm"
+    if checkpoint.is_model_checkpoint(path) or (path / "checkpoints").is_dir():
+        return "ours"
+    if (path / "config.json").is_file():
+        return "hf"
+    raise ConfigError(f"train.init_from={source}: neither one of our checkpoints (model.json + params/), a Hugging "
+                      "Face directory (config.json + safetensors) nor an EasyLM file ([params::]FILE)")
+
+
+def source_architecture(source: str) -> LlamaConfig | None:
+    """The architecture a source states (None for EasyLM files, whose shapes are checked tensor by tensor)."""
+    kind = kind_of(source)
+    if kind == "ours":
+        return checkpoint.read_config(source)
+    if kind == "hf":
+        path = Path(source) / "config.json"
+        return hf.config_from_hf(json.loads(path.read_text()), str(path))
+    return None
+
+
+def check_architecture(source: str, run: LlamaConfig) -> None:
+    """The source's architecture is the run's, or a ConfigError naming the first field that differs."""
+    theirs = source_architecture(source)
+    if theirs is None:
+        easylm.check_shapes(easylm.EasylmFile(source), run, "the run's model.* settings")
+        return
+    for name in ARCHITECTURE:
+        if getattr(theirs, name) != getattr(run, name):
+            raise ConfigError(f"train.init_from={source} has {name}={getattr(theirs, name)!r} but the run's model has "
+                              f"{name}={getattr(run, name)!r}; set model.preset/model.overrides to the source's")
+
+
+def load_params(source: str, run: LlamaConfig, shardings: Any) -> Any:
+    """The source's parameters as the run's param_dtype, each placed as `shardings` (the run's) says."""
+    check_architecture(source, run)
+    dtype = DTYPES[run.param_dtype]
+    kind = kind_of(source)
+    if kind == "ours":
+        _, params, _ = checkpoint.load_model(source, shardings)
+        return jax.tree.map(lambda x: x.astype(dtype), params)
+    if kind == "hf":
+        return hf_params(Path(source), run, shardings)
+    params: dict = {}
+    for path, array in easylm.iter_easylm_params(easylm.EasylmFile(source), run, "the run's model.* settings"):
+        set_path(params, path, place(np.asarray(array, dtype), get_path(shardings, path)))
+    return params
+
+
+def place(array: np.ndarray, sharding: Any) -> jax.Array:
+    """A host array as a global array: each device gets only its slice."""
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def hf_params(hf_dir: Path, run: LlamaConfig, shardings: Any) -> dict:
+    """Parameters from safetensors, each device's slice read from the file alone (HF kernels are (out, in))."""
+    index = hf_dir / hf.INDEX_FILE
+    if index.is_file():
+        files = json.loads(index.read_text())["weight_map"]
+    else:
+        with safe_open(str(hf_dir / hf.SINGLE_FILE), framework="numpy") as f:
+            files = dict.fromkeys(f.keys(), hf.SINGLE_FILE)
+    dtype = DTYPES[run.param_dtype]
+    params: dict = {}
+    for path, name, transposed in hf.tensor_names(run):
+        if name not in files:
+            raise ConfigError(f"train.init_from={hf_dir}: tensor {name} is missing")
+        with safe_open(str(hf_dir / files[name]), framework="numpy") as f:
+            tensor = f.get_slice(name)
+            shape = tuple(tensor.get_shape())
+            ours = shape[::-1] if transposed else shape
+
+            def read(index: tuple, tensor: Any = tensor, transposed: bool = transposed) -> np.ndarray:
+                part = tensor[index[::-1]] if transposed else tensor[index]
+                return np.ascontiguousarray(part.T if transposed else part).astype(dtype)
+
+            set_path(params, path, jax.make_array_from_callback(ours, get_path(shardings, path), read))
+    return params
