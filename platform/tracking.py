@@ -98,6 +98,22 @@ def run(
     client().set_terminated(run_id, "FINISHED")
 
 
+def is_permanent(error: Exception) -> bool:
+    """An answer from the server that no retry changes (the run does not exist, the request is invalid),
+    as opposed to the server being unreachable or overloaded."""
+    code = getattr(error, "error_code", "")
+    return code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "PERMISSION_DENIED", "BAD_REQUEST")
+
+
+def run_exists(run_id: str) -> bool | None:
+    """Whether the current tracking server has run `run_id`; None when it cannot be reached to ask."""
+    try:
+        client().get_run(run_id)
+        return True
+    except Exception as error:
+        return False if is_permanent(error) else None
+
+
 class MetricsLogger:
     """Per-step metrics for one run, logged in batches; kept in memory and retried while MLflow is down.
 
@@ -143,6 +159,11 @@ class MetricsLogger:
                 self.steps_pending = 0
                 return True
             except Exception as error:
+                if is_permanent(error):  # no retry changes this answer: say it once, drop what cannot be sent
+                    log.error("MLflow refused the metrics of run %s (%s); %d metrics dropped", self.run_id, error,
+                              len(self.pending))
+                    self.pending, self.steps_pending = [], 0
+                    return False
                 log.warning("MLflow log_batch failed (%s); %d metrics buffered", error, len(self.pending))
                 if attempt < retries:
                     time.sleep(wait_s)

@@ -145,7 +145,9 @@ def render(rows: list[dict]) -> str:
     for fault, entry in merged.items():
         happened = entry["happened"] if entry["cases"] == 1 else f"{entry['cases']} cases; e.g. {entry['happened']}"
         recovery = _seconds(max(entry["recovery"])) if entry["recovery"] else "-"
-        result = "ok" if entry["passed"] == entry["cases"] else f"FAILED ({entry['cases'] - entry['passed']})"
+        outcomes = {row["outcome"] for row in rows if row["fault"] == fault}
+        result = ("ok" if entry["passed"] == entry["cases"] else "SKIPPED" if outcomes == {"skipped"}
+                  else f"FAILED ({entry['cases'] - entry['passed']})")
         cells = [fault, happened, entry["lost"], recovery, result]
         lines.append("| " + " | ".join(str(c).replace("|", "/").replace("\n", " ") for c in cells) + " |")
     return "\n".join(lines)
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = read_rows(args.report)
     print(render(rows))
     failed = sum(row["outcome"] != "passed" for row in rows)
-    print(f"\n{len(rows)} fault checks, {failed} failed")
+    print(f"\n{len(rows)} fault checks, {failed} not passed")
     return 1 if failed else 0
 
 

@@ -122,11 +122,16 @@ def open_tracking_run(config: TrainConfig) -> str | None:
         return None
     run = RunDir(config.run_dir)
     recorded = run.tracking_run_id()
-    if recorded:
+    if recorded and tracking.run_exists(recorded) is not False:  # reachable and there, or down: keep it
         return recorded
+    if recorded:
+        log.warning("the tracking server %s has no run %s, which %s recorded (another server, or its store was "
+                    "deleted); logging this run to a new MLflow run", tracking.tracking_uri(), recorded, run.path)
     try:
         run_id = tracking.start_run(config.tracking.experiment, run_name=config.name,
-                                    tags={"openllama.stage": "train"}, params=to_dict(config))
+                                    tags={"openllama.stage": "train", "openllama.run_dir": str(run.path),
+                                          **({"openllama.replaces_run": recorded} if recorded else {})},
+                                    params=to_dict(config))
     except Exception as error:  # a tracking server that is down must not stop training
         log.warning("MLflow unreachable (%s); training without tracking", error)
         return None

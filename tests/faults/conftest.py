@@ -47,13 +47,16 @@ class FaultRow:
 
 @pytest.fixture
 def fault_report(request: pytest.FixtureRequest):
-    """The test's report row, written at teardown with the test's outcome (a failed test is a failed row)."""
+    """The test's report row, written at teardown with the test's outcome: a test that fails or skips before
+    it filled its row still writes one, under its own name, so the table cannot show only successes."""
     row = FaultRow()
     yield row
     path = os.environ.get(faults.REPORT_ENV)
-    if path and row.fault:
-        faults.record(path, {"test": request.node.nodeid, "outcome": request.node.stash.get(OUTCOME, "error"),
-                             **asdict(row)})
+    if path:
+        outcome = request.node.stash.get(OUTCOME, "error")
+        row.fault = row.fault or request.node.name
+        row.happened = row.happened or f"the test {outcome} before it said what happened"
+        faults.record(path, {"test": request.node.nodeid, "outcome": outcome, **asdict(row)})
 
 
 def tokenize_command(inputs: list[str], tokenizer: Path, out: Path, *extra: str) -> list[str]:
