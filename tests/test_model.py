@@ -60,7 +60,7 @@ def test_bfloat16_compute_with_float32_params_is_close_to_float32():
     assert np.abs(mixed - exact).max() < 0.05 * np.abs(exact).max()
 
 
-@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch", "kv"])
 def test_remat_policy_gives_the_same_loss_and_gradients_as_none(policy):
     params = init_params(TINY, seed=4)
     ids = jnp.asarray(random_ids(2, 16))
@@ -91,6 +91,8 @@ def test_dots_policies_keep_the_projections_instead_of_recomputing_them():
     assert full >= none + projections_recomputed
     assert products_in_backward("dots_no_batch") < none + projections_recomputed
     assert products_in_backward("dots") < none + projections_recomputed
+    keys_and_values = 2 * TINY.num_hidden_layers  # `kv` keeps them; the other projections run again
+    assert products_in_backward("kv") == full - keys_and_values
 
 
 @pytest.mark.parametrize(
@@ -113,7 +115,7 @@ def test_unknown_preset_is_an_error_listing_the_allowed_names():
         LlamaConfig.preset("70b")
 
 
-@pytest.mark.parametrize("policy", ["none", "full", "dots_no_batch"])
+@pytest.mark.parametrize("policy", ["none", "full", "dots_no_batch", "kv"])
 def test_scanned_blocks_give_the_logits_and_gradients_of_the_unrolled_ones(policy):
     config = LlamaConfig.preset("tiny", num_key_value_heads=2, remat_policy=policy, kernels="reference")
     scanned = dataclasses.replace(config, scan_layers=True)

@@ -26,8 +26,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.save_only_these_names("projection", "attention"),
-    "dots_no_batch": jax.checkpoint_policies.save_only_these_names("projection"),  # not the per-head products
+    "dots": jax.checkpoint_policies.save_only_these_names("projection", "kv", "attention"),
+    "dots_no_batch": jax.checkpoint_policies.save_only_these_names("projection", "kv"),  # not per-head products
+    "kv": jax.checkpoint_policies.save_only_these_names("kv"),  # keys and values; the rest is recomputed
 }
 
 
@@ -124,6 +125,7 @@ class Dense(nn.Module):
 
     features: int
     config: LlamaConfig
+    saved_as: str = "projection"  # the name remat policies know this product's output by
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -133,7 +135,7 @@ class Dense(nn.Module):
             DTYPES[c.param_dtype],
         )
         rows = x.reshape(-1, x.shape[-1]).astype(DTYPES[c.dtype])
-        out = checkpoint_name(kernels.matmul(rows, kernel, c.kernels), "projection")
+        out = checkpoint_name(kernels.matmul(rows, kernel, c.kernels), self.saved_as)
         return out.reshape(*x.shape[:-1], self.features)
 
 
@@ -177,8 +179,8 @@ class Attention(nn.Module):
         c = self.config
         batch, seq, _ = x.shape
         q = Dense(c.num_attention_heads * c.head_dim, c, name="q_proj")(x)
-        k = Dense(c.num_key_value_heads * c.head_dim, c, name="k_proj")(x)
-        v = Dense(c.num_key_value_heads * c.head_dim, c, name="v_proj")(x)
+        k = Dense(c.num_key_value_heads * c.head_dim, c, "kv", name="k_proj")(x)
+        v = Dense(c.num_key_value_heads * c.head_dim, c, "kv", name="v_proj")(x)
         heads = ("batch", "seq", "heads", "head_dim")
         q = constrain(rotary(q.reshape(batch, seq, c.num_attention_heads, c.head_dim), *rope), *heads)
         k = constrain(rotary(k.reshape(batch, seq, c.num_key_value_heads, c.head_dim), *rope), *heads)

@@ -52,10 +52,32 @@ def make_optimizer(
     )
 
 
+LOSS_CHUNK = 512  # positions whose logits exist at once
+
+
 def token_losses(model: Llama, params: Any, tokens: jax.Array) -> jax.Array:
-    """Next-token cross-entropy [batch, seq] of rows `tokens` [batch, seq + 1]."""
-    logits, _ = model.apply({"params": params}, tokens[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    """Next-token cross-entropy [batch, seq] of rows `tokens` [batch, seq + 1].
+
+    The output layer and the loss run over chunks of LOSS_CHUNK positions, one after another, and the
+    backward pass recomputes each chunk's logits: [batch, seq, vocab] float32 logits (and their gradient)
+    never exist whole, which at 2048 positions and 32,000 tokens is gigabytes per chip.
+    """
+    hidden, _ = model.apply({"params": params}, tokens[:, :-1], method=Llama.hidden_states)
+    targets = tokens[:, 1:]
+    batch, seq, width = hidden.shape
+    chunks = seq // LOSS_CHUNK if seq % LOSS_CHUNK == 0 else 1
+
+    @jax.checkpoint
+    def chunk_losses(chunk: tuple[jax.Array, jax.Array]) -> jax.Array:
+        chunk_hidden, chunk_targets = chunk
+        logits = model.apply({"params": params}, chunk_hidden, method=Llama.logits)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, chunk_targets)
+
+    def split(x: jax.Array) -> jax.Array:
+        return x.reshape(batch, chunks, seq // chunks, *x.shape[2:]).swapaxes(0, 1)
+
+    losses = jax.lax.map(chunk_losses, (split(hidden), split(targets)))  # [chunks, batch, seq / chunks]
+    return losses.swapaxes(0, 1).reshape(batch, seq)
 
 
 def mean_loss(model: Llama, params: Any, tokens: jax.Array) -> jax.Array:
