@@ -1,10 +1,12 @@
-"""`openllama data tokenize`: RedPajama jsonl -> validated, tokenized, packed parquet shards, on Ray Data.
+"""`openllama data tokenize`: RedPajama jsonl -> validated, tokenized, packed token shards, on Ray Data.
 
 Work is split into units, one per input file. A Ray Data task reads, validates, tokenizes and packs a whole unit
 (the SentencePiece processor is cached per worker process, so there is no actor pool holding CPUs and no
 per-row hand-off between stages), publishes its shards, and records the unit as done in `units/<unit>.json`:
 that ledger is what makes a killed run restartable without duplicates. The few tokens left over at the end of
 each unit are packed together per subset when all units are done. The shard format is `openllama.data.shards`.
+
+`openllama data convert OLD --out NEW` rewrites a dataset of the first shard format (parquet) in the current one.
 """
 
 from __future__ import annotations
@@ -34,7 +36,18 @@ from tqdm import tqdm
 from openllama import commands, files, ray_jobs
 from openllama.config import ConfigError, add_config_arguments, from_arguments
 from openllama.data import redpajama
-from openllama.data.shards import FORMAT, SPLITS, Packer, ShardWriter, pack_tails, write_tails
+from openllama.data.shards import (
+    FORMAT,
+    FORMAT_V1,
+    SPLITS,
+    Packer,
+    RowLayout,
+    ShardWriter,
+    convert_v1,
+    pack_tails,
+    remove_crashed_writes,
+    write_tails,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +77,14 @@ class TokenizeConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"val_fraction={self.val_fraction} must be in [0, 1)")
+
+
+@dataclasses.dataclass
+class ConvertConfig:
+    """What `openllama data convert` runs with: an old-format dataset and the new folder to write it to."""
+
+    source: str  # a finished openllama-packed-v1 dataset (local or URI)
+    out: str  # the new dataset directory (local or URI), not the source
 
 
 DEFAULT_VAL_FRACTION = TokenizeConfig.val_fraction
@@ -99,6 +120,7 @@ def run_unit(unit: dict, settings: dict, root: str, model_proto: bytes) -> dict:
     path, subset, uid = unit["path"], unit["subset"], unit["unit_id"]
     seq_len = settings["seq_len"]
     shard_rows = max(1, settings["shard_tokens"] // seq_len)
+    layout = RowLayout.for_vocabulary(seq_len, processor.get_piece_size())
     packers = {split: Packer(seq_len) for split in SPLITS}
     stats = {split: {"documents": 0, "tokens": 0, "bytes": 0} for split in SPLITS}
     rejected: list[dict] = []
@@ -106,7 +128,7 @@ def run_unit(unit: dict, settings: dict, root: str, model_proto: bytes) -> dict:
     batch_bytes = 0
 
     with contextlib.ExitStack() as stack:
-        writers = {split: stack.enter_context(ShardWriter(root, f"{uid}-", split, subset, seq_len, shard_rows,
+        writers = {split: stack.enter_context(ShardWriter(root, f"{uid}-", split, subset, layout, shard_rows,
                                                           processor.bos_id()))
                    for split in SPLITS}
 
@@ -229,15 +251,6 @@ def _dataset_root(out: str) -> str:
     return out.rstrip("/") if files.is_uri(out) else str(Path(out).absolute())
 
 
-def _remove_crashed_writes(root: str) -> None:
-    """Delete the temporaries a killed run left under a local dataset (an object store never has any)."""
-    if files.is_uri(root):
-        return
-    base = Path(root)
-    for folder in [base, base / "units", base / "rejected", *(p for s in SPLITS for p in base.glob(f"{s}/*"))]:
-        files.remove_temporaries(folder)
-
-
 def build_dataset(config: TokenizeConfig, on_unit_done: UnitDone | None = None) -> dict:
     """Build (or finish, or reuse) the packed dataset `config.out`; returns the manifest.
 
@@ -255,7 +268,7 @@ def build_dataset(config: TokenizeConfig, on_unit_done: UnitDone | None = None) 
     settings = {
         "inputs": inputs, "tokenizer_sha256": hashlib.sha256(model_proto).hexdigest(), "seq_len": config.seq_len,
         "val_fraction": config.val_fraction, "seed": config.seed, "max_doc_bytes": config.max_doc_bytes,
-        "shard_tokens": config.shard_tokens,
+        "shard_tokens": config.shard_tokens, "format": FORMAT,
     }
     manifest_path = f"{root}/manifest.json"
     try:
@@ -263,6 +276,11 @@ def build_dataset(config: TokenizeConfig, on_unit_done: UnitDone | None = None) 
     except (NotADirectoryError, PermissionError) as error:
         raise commands.BadInput(f"--out {config.out} cannot be read: {error.strerror or error}") from None
     if previous is not None:
+        if previous.get("format") == FORMAT_V1:
+            raise commands.BadInput(
+                f"{config.out} holds a dataset in the old format {FORMAT_V1}; convert it with `openllama data "
+                f"convert {config.out} --out NEW_DIR`, or choose a new --out to tokenize again"
+            )
         if previous.get("settings") != settings:
             differs = sorted(k for k in settings if previous.get("settings", {}).get(k) != settings[k])
             raise commands.BadInput(
@@ -274,13 +292,14 @@ def build_dataset(config: TokenizeConfig, on_unit_done: UnitDone | None = None) 
             return previous
     tokenizer_entry = {"path": tokenizer, "sha256": settings["tokenizer_sha256"],
                        "vocab_size": processor.get_piece_size()}
-    manifest = {"format": FORMAT, "finished": False, "seq_len": config.seq_len, "tokenizer": tokenizer_entry,
-                "settings": settings, "shards": [], "stats": {}}
+    layout = RowLayout.for_vocabulary(config.seq_len, processor.get_piece_size())
+    manifest = {"format": FORMAT, "finished": False, "seq_len": config.seq_len, **layout.manifest_fields(),
+                "tokenizer": tokenizer_entry, "settings": settings, "shards": [], "stats": {}}
     try:
         files.write_json(manifest_path, manifest)
     except OSError as error:  # a folder under a file, a read-only filesystem: found before any work
         raise commands.BadInput(f"--out {config.out} cannot be written: {error.strerror or error}") from None
-    _remove_crashed_writes(root)
+    remove_crashed_writes(root)
 
     units = [{"unit_id": unit_id(p), "path": p, "subset": redpajama.subset_of(p)} for p in inputs]
     sha = settings_sha(settings)
@@ -292,7 +311,7 @@ def build_dataset(config: TokenizeConfig, on_unit_done: UnitDone | None = None) 
         ray_jobs.connect(config.address, log_to_driver=False, configure_logging=False)
         run_units(pending, settings, root, model_proto, on_unit_done)
     results = [files.read_json(_ledger_entry(root, u["unit_id"])) for u in units]
-    tail_shards, dropped = pack_tails(root, results, config.seq_len, processor.bos_id())
+    tail_shards, dropped = pack_tails(root, results, layout, processor.bos_id())
     shards = [s for r in results for s in r["shards"]] + tail_shards
     stats = summarize(results, shards, dropped)
     stats["seconds"] = time.perf_counter() - started
@@ -343,8 +362,8 @@ def parser() -> argparse.ArgumentParser:
                                   epilog=commands.EXIT_CODES)
     verbs = top.add_subparsers(dest="command", required=True)
     tok = verbs.add_parser(
-        "tokenize", help="validate, tokenize and pack jsonl into parquet shards", epilog=commands.EXIT_CODES,
-        description="Validate, tokenize and pack RedPajama jsonl into parquet shards on Ray Data. A rerun of the "
+        "tokenize", help="validate, tokenize and pack jsonl into token shards", epilog=commands.EXIT_CODES,
+        description="Validate, tokenize and pack RedPajama jsonl into token shards on Ray Data. A rerun of the "
                     "same command finishes a killed run, or reuses a finished one.")
     tok.add_argument("inputs", nargs="*", metavar="INPUT",
                      help="RedPajama root or subset folders, .jsonl/.jsonl.zst files or globs (local or gs://, s3://)")
@@ -362,11 +381,20 @@ def parser() -> argparse.ArgumentParser:
     tok.add_argument("--no-track", dest="track", action="store_false", default=None,
                      help="do not log the run to MLflow (default: log it)")
     add_config_arguments(tok)
+    convert = verbs.add_parser(
+        "convert", help=f"rewrite a {FORMAT_V1} (parquet) dataset in {FORMAT}", epilog=commands.EXIT_CODES,
+        description=f"Rewrite a finished {FORMAT_V1} dataset (parquet shards, read whole) in {FORMAT} (rows read "
+                    "one by one), shard for shard with the same rows. A rerun finishes a killed conversion.")
+    convert.add_argument("source", nargs="?", metavar="OLD_DIR", help=f"the {FORMAT_V1} dataset (local or URI)")
+    convert.add_argument("--out", help="the new dataset directory, local or URI (required)")
+    add_config_arguments(convert)
     return top
 
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
+    if args.command == "convert":
+        return commands.run("openllama data convert", lambda: convert_dataset(from_arguments(ConvertConfig, args)))
     args.inputs = args.inputs or None  # none on the command line: from --config or --set
 
     def work() -> None:
@@ -378,3 +406,11 @@ def main(argv: list[str]) -> int:
               f"{total['rejected']:,} rejected lines; see {settings.out}/stats.json")
 
     return commands.run("openllama data tokenize", work)
+
+
+def convert_dataset(config: ConvertConfig) -> None:
+    """`openllama data convert`: the old dataset rewritten at `config.out`, with a line saying what was written."""
+    manifest = convert_v1(_dataset_root(config.source), _dataset_root(config.out))
+    rows = sum(shard["rows"] for shard in manifest["shards"])
+    print(f"{config.out}: {len(manifest['shards'])} shards, {rows:,} rows in {FORMAT} "
+          f"({manifest['token_dtype']} tokens), converted from {config.source}")

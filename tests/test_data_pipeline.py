@@ -103,6 +103,21 @@ def test_validation_split_holds_the_documents_chosen_by_seeded_hash(corpus, buil
     assert PackedDataset.open(str(built[0]), "validation").rows("c4") > 0
 
 
+def test_shards_are_fixed_width_rows_of_uint16_tokens(built):
+    out, manifest = built
+    assert manifest["format"] == "openllama-packed-v2" and manifest["token_dtype"] == "uint16"
+    assert manifest["row_bytes"] == (SEQ_LEN + 1) * 2 + 4
+    for shard in manifest["shards"]:
+        assert shard["path"].endswith(".bin")
+        assert (out / shard["path"]).stat().st_size == shard["rows"] * manifest["row_bytes"] == shard["bytes"]
+
+
+def test_an_out_holding_a_dataset_in_the_first_format_names_the_convert_command(corpus, sp_model, tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "openllama-packed-v1", "finished": True}))
+    with pytest.raises(ValueError, match=f"openllama data convert {tmp_path} --out NEW_DIR"):
+        build(corpus, sp_model, tmp_path)
+
+
 def test_every_shard_matches_its_checksum(built):
     PackedDataset.open(str(built[0])).verify()
     PackedDataset.open(str(built[0]), "validation").verify()
@@ -117,7 +132,7 @@ def test_a_run_stopped_midway_is_unfinished_and_a_rerun_gives_the_same_shards(co
     with pytest.raises(DatasetNotFinished):
         PackedDataset.open(str(tmp_path))
     # a half-written shard of an unfinished unit, as a kill during writing would leave it
-    partial = files.temporary_name(tmp_path / "train/wikipedia/partial.parquet")
+    partial = files.temporary_name(tmp_path / "train/wikipedia/partial.bin")
     partial.parent.mkdir(parents=True, exist_ok=True)
     partial.write_bytes(b"half")
     rerun = build(corpus, sp_model, tmp_path)

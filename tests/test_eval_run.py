@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from openllama.data.shards import write_dataset
 from openllama.eval import published
 from openllama.eval.run import (
     EvalInputError,
@@ -113,22 +114,8 @@ def test_eval_writes_the_table_results_and_an_mlflow_run_tagged_with_its_trainin
 
 
 def write_packed_validation(root: Path, rows: np.ndarray, subset: str = "wiki") -> Path:
-    """A one-shard `openllama-packed-v1` dataset holding `rows` as its validation split."""
-    import hashlib
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    shard = root / "validation" / subset / "00000.parquet"
-    shard.parent.mkdir(parents=True)
-    tokens = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1), pa.int32()), rows.shape[1])
-    pq.write_table(pa.table({"tokens": tokens}), shard)
-    manifest = {
-        "format": "openllama-packed-v1", "finished": True, "seq_len": rows.shape[1] - 1,
-        "shards": [{"split": "validation", "subset": subset, "rows": len(rows), "tokens": int(rows.size),
-                    "path": str(shard.relative_to(root)), "sha256": hashlib.sha256(shard.read_bytes()).hexdigest()}],
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    """A finished packed dataset holding `rows` as its validation split (written by the format's owner)."""
+    write_dataset(str(root), {("validation", subset): rows}, seq_len=rows.shape[1] - 1, vocab_size=512)
     return root
 
 

@@ -1,8 +1,8 @@
 """Deterministic global batches over packed shards: step k is the same tokens on 1 worker or 256.
 
 The batch of step k is a pure function of (seed, k, dataset, weights), so resuming needs only the step, and
-computing it costs the same at step 0 and step 250,000, for a corpus of a thousand rows or of a trillion
-tokens: nothing per row of the corpus is ever held, nothing of earlier steps is replayed.
+computing it costs the same at any step and for a corpus of any size: nothing per row of the corpus is ever
+held, and nothing of earlier steps is replayed. A plan costs O(B) time and memory.
 
 1. Subset counts. The run's sequences are slots 0, 1, 2, ...; step k holds slots [kB, (k+1)B). A
    `MixtureSchedule` deals slots to subsets down a balanced binary tree over the subsets: of the first m
@@ -10,7 +10,8 @@ tokens: nothing per row of the corpus is ever held, nothing of earlier steps is 
    and the rest go right (p in fixed point, phase seeded per node). That count is a closed form of m, so
    `counts_before(n)`, the slots of each subset among [0, n), costs a few integer operations per subset.
    Each slot goes to exactly one subset, every step holds exactly B, and a subset's count never strays
-   from n x weight by more than the depth of the tree (weights renormalized over the subsets present).
+   from n x weight by more than the depth of the tree, plus n / 2**32 per level for the fixed point (weights
+   renormalized over the subsets present).
 2. Positions. A subset's count before step k is its position in its own stream, so each subset is read in
    order, without replacement, epoch after epoch.
 3. Rows. Stream position p of a subset with R rows is row `RowShuffle(R, key(seed, subset, p // R))(p % R)`:

@@ -11,9 +11,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import harness as faults
+from openllama.data.shards import PackedDataset, ShardCorrupted
 
 pytestmark = pytest.mark.faults
 
@@ -186,8 +188,6 @@ def test_a_full_disk_marks_no_unit_done_and_a_rerun_with_space_finishes(packed, 
 
 
 def test_a_shard_with_flipped_bytes_is_detected_by_checksum_and_named(packed, tmp_path, fault_report):
-    from openllama.data.shards import PackedDataset, ShardCorrupted
-
     dataset = tmp_path / "dataset"
     shutil.copytree(packed.path, dataset)
     victim = next(s for s in manifest(dataset)["shards"] if s["split"] == "train")
@@ -203,5 +203,29 @@ def test_a_shard_with_flipped_bytes_is_detected_by_checksum_and_named(packed, tm
     assert "sha256" in str(error.value)
     name = victim["path"].rsplit("/", 1)[-1]
     fault_report.happened = f"verify() raised ShardCorrupted naming {name} (sha256 mismatch)"
+    fault_report.lost = "0 (detected before use)"
+    fault_report.recovery_s = time.perf_counter() - started
+
+
+def test_a_shard_with_flipped_bytes_fails_the_read_of_that_row_only(packed, tmp_path, fault_report):
+    dataset = tmp_path / "dataset"
+    shutil.copytree(packed.path, dataset)
+    layout = manifest(dataset)
+    victim = next(s for s in layout["shards"] if s["split"] == "train" and s["rows"] >= 3)
+    path = dataset / victim["path"]
+    data = bytearray(path.read_bytes())
+    row = victim["rows"] // 2
+    data[row * layout["row_bytes"] + 3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    reader = PackedDataset.open(str(dataset), "train")
+    first = sum(s["rows"] for s in layout["shards"][: layout["shards"].index(victim)]
+                if s["split"] == "train" and s["subset"] == victim["subset"])
+    started = time.perf_counter()
+    assert reader.read(victim["subset"], np.array([first + row - 1, first + row + 1])).shape[0] == 2
+    with pytest.raises(ShardCorrupted, match=f"{victim['path']}: row {row} .*crc32"):
+        reader.read(victim["subset"], np.array([first + row]))
+    fault_report.fault = "corrupted shard (1 byte flipped), read by the trainer's reader"
+    fault_report.happened = (f"reading row {row} raised ShardCorrupted naming the file and row (crc32); "
+                             "its neighbours still read")
     fault_report.lost = "0 (detected before use)"
     fault_report.recovery_s = time.perf_counter() - started
