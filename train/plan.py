@@ -98,6 +98,9 @@ def compile_only_devices(tpu: Slice) -> list:
             chips_per_host_bounds=tpu.host_bounds, num_slices=1,
         )
     except (RuntimeError, ValueError) as error:
+        if "lockfile" in str(error):  # libtpu serves one process at a time on a machine
+            raise commands.WorkFailed("another process is using the TPU compiler (libtpu holds "
+                                      "/tmp/libtpu_lockfile while it runs); run one plan at a time") from error
         raise commands.BadInput(f"the TPU compiler is not available ({error}); install it with "
                                 "pip install 'openllama-ray[tpu]'") from error
     return description.devices
