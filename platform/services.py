@@ -13,6 +13,11 @@ several heads can run side by side.
 Ray token authentication is always on for heads started here: a token is generated per head, kept beside
 the state file (mode 0600), and every client gets it through `RAY_AUTH_MODE=token` + `RAY_AUTH_TOKEN_PATH`
 (see `RayHead.env`).
+
+One host of many: `start_ray_head(node_ip=ADDR)` binds the head to a given address instead (then
+`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER` must not be set: it would force 127.0.0.1 again), and
+`start_ray_worker(head, node_ip=ADDR)` joins another node on its own address with the head's token. A
+`launcher` prefix runs the node elsewhere (the tests' network-namespace hosts: `ip netns exec HOST`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,7 +43,9 @@ from openllama.files import write_json
 from openllama.processes import group_pids, stop_group
 
 RAY_STATE = "ray-head.json"
+RAY_WORKER_STATE = "ray-worker.json"
 MLFLOW_STATE = "mlflow-server.json"
+LOOPBACK = "127.0.0.1"
 
 
 class ServiceError(RuntimeError):
@@ -67,7 +75,8 @@ def stop_with_owner(owner_pid: int, pgid: int, marker: str, remove: str | None =
     """Stop process group `pgid` when process `owner_pid` exits first (a watchdog in its own process).
 
     Tests start services for their session; if the test process is killed, its teardown never runs and
-    the services would outlive it. The watchdog exits by itself once the group is gone.
+    the services would outlive it. The watchdog exits by itself once the group is gone; `remove` (a
+    folder) goes with it whenever the owner is gone too, whoever ended the group.
     """
     subprocess.Popen([sys.executable, "-m", "openllama.services", str(owner_pid), str(pgid), marker, remove or ""],
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -78,10 +87,12 @@ def _watch(owner_pid: int, pgid: int, marker: str, remove: str) -> None:
     while group_pids(pgid):
         if not psutil.pid_exists(owner_pid):
             stop_group(pgid, marker=marker)
-            if remove:
-                shutil.rmtree(remove, ignore_errors=True)
-            return
+            break
         time.sleep(1.0)
+    # the group may also have been killed from outside (a test host torn down whole): with its owner gone,
+    # nobody else will remove what it left
+    if remove and not psutil.pid_exists(owner_pid):
+        shutil.rmtree(remove, ignore_errors=True)
 
 
 def _http_ok(url: str, timeout: float = 2.0) -> bool:
@@ -118,17 +129,20 @@ class RayHead:
     token_path: str
     pgid: int
     num_cpus: int
+    node_ip: str = LOOPBACK  # the address its daemons listen on: loopback unless it is one host of many
 
     @property
     def env(self) -> dict[str, str]:
         """Environment for clients of this head: `ray job submit`, `ray.init()`, our CLI verbs."""
-        return {
+        env = {
             "RAY_ADDRESS": self.address,
             "RAY_API_SERVER_ADDRESS": self.dashboard_url,
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": self.token_path,
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         }
+        if self.node_ip == LOOPBACK:
+            env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        return env
 
     def pids(self) -> list[int]:
         return group_pids(self.pgid)
@@ -137,11 +151,44 @@ class RayHead:
         stop_ray_head(self)
 
 
-def start_ray_head(state_dir: str | Path, num_cpus: int = 2, object_store_bytes: int = 1 << 30,
-                   timeout: float = 120.0, owner_pid: int | None = None) -> RayHead:
-    """Start `ray start --head` on loopback with token auth; its record goes to STATE_DIR/ray-head.json.
+def _ray_node_env(token_path: str | Path, node_ip: str) -> dict[str, str]:
+    """The environment of `ray start` for a node on `node_ip` of a token-auth cluster."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token_path),
+        RAY_USAGE_STATS_ENABLED="0",
+        # job entrypoints (`python`, `openllama`) must resolve to this environment's interpreter
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    if node_ip == LOOPBACK:  # Ray's single-machine mode; on any other address it would undo --node-ip-address
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    return env
 
-    With `owner_pid`, the head is also stopped when that process exits (see `stop_with_owner`).
+
+def _ray_start(command: list[str], env: dict[str, str], log: Path, cwd: str) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        # a new session: `ray start` and every daemon it spawns share one process group we can stop
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd)
+
+
+def _wait_ray_start(proc: subprocess.Popen, timeout: float, log: Path, what: str) -> None:
+    code = proc.wait(timeout=timeout)
+    if code != 0:
+        raise ServiceError(f"`{what}` exited with {code}; log {log}:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def start_ray_head(state_dir: str | Path, num_cpus: int = 2, object_store_bytes: int = 1 << 30,
+                   timeout: float = 120.0, owner_pid: int | None = None, node_ip: str = LOOPBACK,
+                   launcher: Sequence[str] = ()) -> RayHead:
+    """Start `ray start --head` on `node_ip` (loopback by default) with token auth; its record goes to
+    STATE_DIR/ray-head.json.
+
+    With `owner_pid`, the head is also stopped when that process exits (see `stop_with_owner`). `launcher`
+    is a command prefix that runs the head elsewhere (e.g. `ip netns exec HOST`); this process must reach
+    `node_ip` to see the head become healthy.
     """
     state_dir = Path(state_dir).absolute()
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -156,22 +203,13 @@ def start_ray_head(state_dir: str | Path, num_cpus: int = 2, object_store_bytes:
     gcs_port, dashboard_port, client_port, agent_port, autoscaler_metrics, dashboard_metrics = (
         free_port() for _ in range(6)
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env.update(
-        RAY_AUTH_MODE="token",
-        RAY_AUTH_TOKEN_PATH=str(token_path),
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-        RAY_USAGE_STATS_ENABLED="0",
-        AUTOSCALER_METRIC_PORT=str(autoscaler_metrics),
-        DASHBOARD_METRIC_PORT=str(dashboard_metrics),
-        # job entrypoints (`python`, `openllama`) must resolve to this environment's interpreter
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    )
+    env = _ray_node_env(token_path, node_ip)
+    env.update(AUTOSCALER_METRIC_PORT=str(autoscaler_metrics), DASHBOARD_METRIC_PORT=str(dashboard_metrics))
     command = [
-        _bin("ray"), "start", "--head",
-        "--node-ip-address", "127.0.0.1",
+        *launcher, _bin("ray"), "start", "--head",
+        "--node-ip-address", node_ip,
         "--port", str(gcs_port),
-        "--dashboard-host", "127.0.0.1",
+        "--dashboard-host", node_ip,
         "--dashboard-port", str(dashboard_port),
         "--ray-client-server-port", str(client_port),
         "--dashboard-agent-listen-port", str(agent_port),
@@ -181,18 +219,12 @@ def start_ray_head(state_dir: str | Path, num_cpus: int = 2, object_store_bytes:
         "--disable-usage-stats",
     ]
     log = state_dir / "ray-head.log"
-    with open(log, "wb") as out:
-        # a new session: `ray start` and every daemon it spawns share one process group we can stop
-        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=temp_dir)
-    head = RayHead(str(state_dir), temp_dir, f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}",
-                   str(token_path), proc.pid, num_cpus)
+    proc = _ray_start(command, env, log, temp_dir)
+    head = RayHead(str(state_dir), temp_dir, f"{node_ip}:{gcs_port}", f"http://{node_ip}:{dashboard_port}",
+                   str(token_path), proc.pid, num_cpus, node_ip)
     write_json(state_dir / RAY_STATE, asdict(head))
     try:
-        code = proc.wait(timeout=timeout)
-        if code != 0:
-            raise ServiceError(f"`ray start --head` exited with {code}; log {log}:\n"
-                               f"{log.read_text(errors='replace')[-3000:]}")
+        _wait_ray_start(proc, timeout, log, "ray start --head")
         _wait_http(f"{head.dashboard_url}/api/gcs_healthz", timeout, log, "Ray dashboard", head.pgid)
     except BaseException:
         stop_ray_head(head)
@@ -213,6 +245,78 @@ def stop_ray_head(head: RayHead) -> bool:
     shutil.rmtree(head.temp_dir, ignore_errors=True)
     (Path(head.state_dir) / RAY_STATE).unlink(missing_ok=True)
     return stopped
+
+
+@dataclass
+class RayWorker:
+    """A Ray worker node started by this project, joined to a head on an address of its own."""
+
+    state_dir: str
+    temp_dir: str
+    head_address: str
+    node_ip: str
+    pgid: int
+    num_cpus: int
+
+    def pids(self) -> list[int]:
+        return group_pids(self.pgid)
+
+    def stop(self) -> bool:
+        """Stop the node's process group and remove its temp dir and record; False if it was not running."""
+        stopped = stop_group(self.pgid, marker=self.temp_dir)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        (Path(self.state_dir) / RAY_WORKER_STATE).unlink(missing_ok=True)
+        return stopped
+
+
+def alive_nodes(head: RayHead, timeout: float = 10.0) -> list[dict]:
+    """The nodes the head counts alive, from Ray's state API (node_id, node_ip, resources_total, ...)."""
+    token = Path(head.token_path).read_text().strip()
+    request = urllib.request.Request(f"{head.dashboard_url}/api/v0/nodes?limit=1000&detail=1",
+                                     headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        nodes = json.loads(response.read())["data"]["result"]["result"]
+    return [node for node in nodes if node["state"] == "ALIVE"]
+
+
+def start_ray_worker(head: RayHead, state_dir: str | Path, node_ip: str, num_cpus: int = 1,
+                     object_store_bytes: int = 256 << 20, timeout: float = 120.0, owner_pid: int | None = None,
+                     launcher: Sequence[str] = ()) -> RayWorker:
+    """Join a worker node on `node_ip` to `head` (`ray start --address`, the head's token); returns once the
+    head counts it alive. Its record goes to STATE_DIR/ray-worker.json; `owner_pid` and `launcher` as for
+    `start_ray_head`.
+    """
+    state_dir = Path(state_dir).absolute()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    temp_dir = tempfile.mkdtemp(prefix="olr-ray-")
+    command = [
+        *launcher, _bin("ray"), "start",
+        "--address", head.address,
+        "--node-ip-address", node_ip,
+        "--num-cpus", str(num_cpus),
+        "--object-store-memory", str(object_store_bytes),
+        "--temp-dir", temp_dir,
+        "--disable-usage-stats",
+    ]
+    log = state_dir / "ray-worker.log"
+    proc = _ray_start(command, _ray_node_env(head.token_path, node_ip), log, temp_dir)
+    worker = RayWorker(str(state_dir), temp_dir, head.address, node_ip, proc.pid, num_cpus)
+    write_json(state_dir / RAY_WORKER_STATE, asdict(worker))
+    try:
+        _wait_ray_start(proc, timeout, log, "ray start --address")
+        deadline = time.monotonic() + timeout
+        while not any(node["node_ip"] == node_ip for node in alive_nodes(head)):
+            if time.monotonic() > deadline or not worker.pids():
+                raise ServiceError(f"the Ray worker on {node_ip} did not join {head.address} within "
+                                   f"{timeout:.0f}s; log {log}:\n{log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.5)
+    except BaseException:
+        worker.stop()
+        raise
+    if owner_pid is not None:
+        stop_with_owner(owner_pid, worker.pgid, worker.temp_dir, remove=worker.temp_dir)
+    return worker
+
 
 
 # ---------------------------------------------------------------------------------------- MLflow server

@@ -3,7 +3,8 @@
 The stock backend calls `jax.distributed.initialize` only for TPU or GPU workers; CPU workers would each
 be a separate one-process JAX. Here CPU workers also join one `jax.distributed` system, with gloo for
 the cross-process collectives, so the same code path (mesh, shardings, collectives) runs on a laptop,
-in CI and on a TPU pod.
+in CI and on a TPU pod. The coordinator is rank 0's Ray node address and gloo runs on each worker's node
+address, so the workers may be on different hosts.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from functools import partial
 
 import ray
 from ray.train._internal.utils import get_address_and_port
@@ -19,13 +21,34 @@ from ray.train.v2.jax.config import JaxConfig, _JaxBackend, _shutdown_jax_distri
 log = logging.getLogger(__name__)
 
 
+def _gloo_on(address: str) -> None:
+    """Make this process's CPU backend run gloo on `address`, the Ray node's address (its peers reach it).
+
+    Left to itself, gloo listens on and advertises the address the machine's hostname resolves to, which is
+    often 127.0.0.1 (/etc/hosts on many images): peers on other hosts then get `Connection refused`. JAX
+    0.10 only takes the address through the collectives object of the CPU backend it creates lazily, so the
+    backend's factory is registered again with one, before any backend exists.
+    """
+    # private JAX modules: the one place where gloo's address can be given (jax 0.10)
+    from jax._src import distributed, xla_bridge
+    from jax._src.lib import _jax
+
+    collectives = _jax.make_gloo_tcp_collectives(distributed_client=distributed.global_state.client,
+                                                 hostname=address)
+    xla_bridge.register_backend_factory("cpu", partial(xla_bridge.make_cpu_client, collectives=collectives),
+                                        priority=0, fail_quietly=False)
+
+
 def _initialize_cpu_distributed(coordinator: str, num_processes: int, process_id: int) -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax  # after JAX_PLATFORMS is set: JAX reads it when first imported in this worker
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator, num_processes, process_id)
-    log.info("JAX distributed on CPU: process %d of %d, coordinator %s", process_id, num_processes, coordinator)
+    address = ray.util.get_node_ip_address()
+    _gloo_on(address)
+    log.info("JAX distributed on CPU: process %d of %d, coordinator %s, gloo on %s", process_id, num_processes,
+             coordinator, address)
 
 
 class _CpuJaxBackend(_JaxBackend):

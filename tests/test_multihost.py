@@ -1,0 +1,327 @@
+"""Training across hosts: a real Ray cluster of separate network hosts on this machine (tests/hosts.py),
+one Ray Train worker per host, one `jax.distributed` system over gloo between them, and a host lost mid-run.
+
+The head host has no CPUs for Ray to schedule and each worker host has one, so the two Ray Train workers
+(1 CPU each) can only run on two different hosts. The driver (`openllama train`) runs on the head host, a
+client of the head's GCS, as on a cluster's head node. The hosts share the filesystem (a directory every
+host mounts): dataset, output_dir, MLflow's sqlite file. What ran where, and how often, is read from what
+Ray records (Ray Train's state API: attempts, their times, workers, node IPs); the addresses JAX used and
+the step a worker resumed from, from each worker's log where that record locates it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import harness
+import hosts
+from openllama.train.checkpoint import RunDir, load_model
+from openllama.train.config import TrainConfig, load_config
+from openllama.train.trainer import Hook, Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample" / "redpajama"
+SEQ_LEN = 32
+STEPS = 10
+
+pytestmark = pytest.mark.skipif(hosts.unavailable_reason() is not None, reason=str(hosts.unavailable_reason()))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A Ray head host (0 CPUs) and 2 worker hosts (1 CPU each), removed at the end whatever happened."""
+    network = hosts.HostNetwork()
+    started = None
+    try:
+        try:
+            network.create()
+            started = hosts.ClusterOfHosts.start(network, tmp_path_factory.mktemp("hosts"), worker_hosts=2)
+        except hosts.HostsUnavailable as error:  # root, but no network namespaces here (a locked container)
+            pytest.skip(str(error))
+        yield started
+    finally:
+        if started is not None:
+            started.stop()
+        network.destroy()
+
+
+def on_head_host(cluster: hosts.ClusterOfHosts, *command: str, timeout: float = 300, **env: str):
+    """Run a command on the head host as a client of the cluster, to the end; fails with its output."""
+    done = harness.run([*cluster.head_host.launcher, *command], cluster.env(**env), timeout=timeout, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def dataset(cluster, sp_model, tmp_path_factory) -> Path:
+    """The sample corpus packed by `tokenize_dataset` on this cluster (its tasks run on the worker hosts)."""
+    if not SAMPLE.is_dir():
+        pytest.skip(f"the sample corpus {SAMPLE} is not in this checkout")
+    out = tmp_path_factory.mktemp("packed") / "data"
+    build = ("from openllama.data.tokenize import tokenize_dataset; "
+             f"tokenize_dataset([{str(SAMPLE)!r}], {str(sp_model)!r}, {str(out)!r}, seq_len={SEQ_LEN}, "
+             "val_fraction=0.2, track=False)")
+    on_head_host(cluster, sys.executable, "-c", build)
+    return out
+
+
+@pytest.fixture(scope="module")
+def base(dataset, tmp_path_factory) -> list[str]:
+    """The overrides of tests/test_train_run.py: dataset, a short schedule, one JAX compilation cache."""
+    return [
+        f"data.path={dataset}", f"train.seq_len={SEQ_LEN}", f"train.steps={STEPS}", "train.global_batch_size=8",
+        "train.log_every=1", "optimizer.warmup_steps=2", "checkpoint.every_steps=5", "eval.every_steps=5",
+        "eval.batches=1", "device.peak_flops=1e11",
+        f"device.compilation_cache_dir={tmp_path_factory.mktemp('jax_cache')}",
+    ]
+
+
+class Losses(Hook):
+    """Each step's loss, as the worker loop computed it."""
+
+    def __init__(self):
+        self.by_step: dict[int, float] = {}
+
+    def after_step(self, step: int, metrics: dict[str, float]) -> None:
+        self.by_step[step] = float(metrics["loss"])
+
+
+@pytest.fixture(scope="module")
+def one_host(base, tmp_path_factory) -> tuple[dict[int, float], TrainConfig]:
+    """The reference: the same run in this process, one JAX process on one host."""
+    out = tmp_path_factory.mktemp("one_host")
+    config = load_config("tiny-cpu", [*base, f"output_dir={out}", "tracking.enabled=false"])
+    losses = Losses()
+    Trainer(config, [losses]).fit()
+    return losses.by_step, config
+
+
+@dataclass
+class AcrossHosts:
+    """A finished `openllama train` run on the cluster: its config, MLflow store and Ray Train's record."""
+
+    config: TrainConfig
+    tracking_uri: str
+    ray_run: dict  # Ray Train's record of the run: attempts, their workers and nodes
+    worker_hosts: list[str]  # the worker hosts' addresses when it ended
+
+    def losses(self) -> dict[int, list[float]]:
+        from mlflow.tracking import MlflowClient
+
+        run_id = RunDir(self.config.run_dir).tracking_run_id()
+        steps: dict[int, list[float]] = {}
+        for metric in MlflowClient(self.tracking_uri).get_metric_history(run_id, "loss"):
+            steps.setdefault(metric.step, []).append(metric.value)
+        return steps
+
+    def final_params(self):
+        return load_model(RunDir(self.config.run_dir).latest()[1])[1]
+
+    @property
+    def attempts(self) -> list[dict]:
+        return sorted(self.ray_run["attempts"], key=lambda attempt: attempt["start_time_ns"])
+
+
+def train_command(base: list[str], out: Path, *overrides: str) -> tuple[list[str], TrainConfig, str]:
+    tracking_uri = f"sqlite:///{out}/mlruns.db"
+    args = [*base, f"output_dir={out}", f"tracking.uri={tracking_uri}", "scaling.num_workers=2",
+            "scaling.cpus_per_worker=1", *overrides]
+    return [sys.executable, "-m", "openllama.cli", "train", "tiny-cpu", *args], load_config("tiny-cpu", args), \
+        tracking_uri
+
+
+def ray_train_run(cluster: hosts.ClusterOfHosts, config: TrainConfig) -> dict:
+    """Ray Train's record of the run named after `config` (the newest, if several)."""
+    runs = [run for run in cluster.train_runs() if run["name"] == config.name]
+    assert runs, f"Ray Train recorded no run named {config.name}: {[r['name'] for r in cluster.train_runs()]}"
+    return max(runs, key=lambda run: run["start_time_ns"])
+
+
+# Ray Train's state actor records runs and attempts only when the driver asks for it
+STATE_TRACKING = {"RAY_TRAIN_ENABLE_STATE_TRACKING": "1"}
+
+
+@pytest.fixture(scope="module")
+def across_hosts(cluster, base, tmp_path_factory) -> AcrossHosts:
+    """`openllama train tiny-cpu scaling.num_workers=2` from the head host, one worker per worker host."""
+    out = tmp_path_factory.mktemp("across_hosts")
+    command, config, tracking_uri = train_command(base, out)
+    on_head_host(cluster, *command, timeout=400, **STATE_TRACKING)
+    return AcrossHosts(config, tracking_uri, ray_train_run(cluster, config), cluster.worker_addresses)
+
+
+def assert_same_params(a, b, atol: float) -> None:
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol)
+
+
+# --- the hosts ---------------------------------------------------------------------------------------------
+
+
+def test_each_host_is_a_ray_node_on_its_own_address(cluster):
+    addresses = [cluster.head_host.address, *cluster.worker_addresses]
+    assert len(set(addresses)) == 3
+    assert cluster.alive_node_ips() == sorted(addresses)
+    assert not any(address.startswith("127.") for address in addresses)
+
+
+def test_hosts_reach_each_other_only_on_the_private_bridge(cluster):
+    """No default route, no other interface: a host's traffic stays between the hosts and its loopback."""
+    for host in cluster.network.hosts:
+        routes = harness.run([*host.launcher, "ip", "-o", "route", "show"], harness.clean_env()).stdout.splitlines()
+        assert [route.split()[0] for route in routes] == [f"{cluster.network.subnet}.0/24"], (host, routes)
+        links = harness.run([*host.launcher, "ip", "-o", "link", "show"], harness.clean_env()).stdout.splitlines()
+        assert sorted(link.split(":")[1].strip().split("@")[0] for link in links) == ["eth0", "lo"], (host, links)
+
+
+def test_hosts_of_a_killed_test_process_are_removed_with_all_they_run():
+    """A test session SIGKILLed before its teardown leaves no namespace, bridge or process behind."""
+    owner = harness.start([sys.executable, "-c", (
+        "import subprocess, sys, time; import hosts; network = hosts.HostNetwork().create(); "
+        "host = network.add_host(); subprocess.Popen([*host.launcher, 'sleep', '600'], start_new_session=True); "
+        "print(host.name, network.bridge, flush=True); time.sleep(600)")], harness.clean_env(), cwd=REPO / "tests")
+    try:
+        name, bridge = owner.stdout.readline().split()
+        sleeper = harness.wait_for(lambda: hosts.namespace_pids(name), 10, f"the process on host {name}")
+    finally:
+        owner.kill()
+        owner.wait()
+    harness.wait_for(lambda: name not in hosts.namespaces() and not hosts.ip("link", "show", bridge, check=False)
+                     and not any(hosts.alive(pid) for pid in sleeper), 30, f"host {name} and bridge {bridge} removed")
+
+
+# --- training across hosts ---------------------------------------------------------------------------------
+
+
+def test_the_two_train_workers_run_on_the_two_worker_hosts(across_hosts):
+    [attempt] = across_hosts.attempts
+    assert attempt["status"] == "FINISHED"
+    assert sorted(worker["node_ip"] for worker in attempt["workers"]) == across_hosts.worker_hosts
+
+
+def test_jax_coordinator_and_gloo_are_on_the_worker_hosts_addresses(across_hosts):
+    """The coordinator is rank 0's host address and each worker's gloo its own host's: on 127.0.0.1 (what
+    this machine's hostname resolves to) the workers on other hosts could not connect."""
+    [attempt] = across_hosts.attempts
+    first = next(worker for worker in attempt["workers"] if worker["world_rank"] == 0)
+    for worker in attempt["workers"]:
+        log = Path(worker["log_file_path"]).read_text(errors="replace")
+        assert f"coordinator {first['node_ip']}:" in log and f"gloo on {worker['node_ip']}" in log, worker
+
+
+def test_losses_across_hosts_equal_the_one_host_run(one_host, across_hosts):
+    reference, _ = one_host
+    losses = across_hosts.losses()
+    assert sorted(losses) == sorted(reference) == list(range(1, STEPS + 1))
+    for step, values in losses.items():
+        assert values == pytest.approx([reference[step]], abs=1e-5), step
+
+
+def test_parameters_across_hosts_equal_the_one_host_run(one_host, across_hosts):
+    _, config = one_host
+    assert_same_params(across_hosts.final_params(), load_model(RunDir(config.run_dir).latest()[1])[1], atol=1e-5)
+
+
+# --- a host lost mid-run -----------------------------------------------------------------------------------
+
+
+@dataclass
+class HostLost(AcrossHosts):
+    """A run whose first worker's host was killed whole between the step-5 and step-10 checkpoints."""
+
+    victim: str = ""  # the lost host's address
+    replacement: str = ""  # the address of the host that joined after it
+    checkpoints_at_kill: list[int] = field(default_factory=list)
+    killed_at_ns: int = 0
+
+    @property
+    def restart_s(self) -> float:
+        """From the kill to the start of the attempt that finished, by Ray Train's record."""
+        return (self.attempts[-1]["start_time_ns"] - self.killed_at_ns) / 1e9
+
+
+def running_workers(cluster: hosts.ClusterOfHosts, config: TrainConfig) -> list[dict] | None:
+    """The workers of the run's attempt in progress, once Ray Train has recorded them."""
+    try:
+        run = ray_train_run(cluster, config)
+    except (AssertionError, OSError):
+        return None
+    running = [attempt for attempt in run["attempts"] if attempt["status"] == "RUNNING"]
+    return running[-1]["workers"] if running and running[-1]["workers"] else None
+
+
+@pytest.fixture(scope="module")
+def host_lost(cluster, base, tmp_path_factory) -> HostLost:
+    """`scaling.max_failures=1`; once the step-5 checkpoint is complete, the host of the rank-0 worker (the
+    JAX coordinator) is frozen, then every process on it SIGKILLed and the host removed; a new host joins."""
+    out = tmp_path_factory.mktemp("host_lost")
+    command, config, tracking_uri = train_command(base, out, "scaling.max_failures=1")
+    run = RunDir(config.run_dir)
+    proc = harness.start([*cluster.head_host.launcher, *command], cluster.env(**STATE_TRACKING), cwd=REPO)
+    try:
+        workers = harness.wait_for(lambda: running_workers(cluster, config), 300, "Ray Train's workers", proc,
+                                   poll=0.5)
+        first = next(worker for worker in workers if worker["world_rank"] == 0)
+        harness.wait_for(run.latest, 300, "the step-5 checkpoint", proc)
+        # stopped at once, the run halts at its next collective: no later checkpoint can complete
+        os.kill(first["pid"], signal.SIGSTOP)
+        checkpoints_at_kill = [step for step, _ in run.complete_checkpoints()]
+        killed_at_ns = time.time_ns()
+        cluster.lose_host(first["node_ip"])
+        replacement = cluster.add_worker_host()
+        out_text, err_text = proc.communicate(timeout=400)
+    except BaseException:
+        harness.kill_group(proc)
+        raise
+    assert proc.returncode == 0, out_text[-3000:] + err_text[-4000:]
+    return HostLost(config, tracking_uri, ray_train_run(cluster, config), cluster.worker_addresses,
+                    victim=first["node_ip"], replacement=replacement.address,
+                    checkpoints_at_kill=checkpoints_at_kill, killed_at_ns=killed_at_ns)
+
+
+def test_host_was_lost_between_two_checkpoints(host_lost):
+    assert host_lost.checkpoints_at_kill == [5]
+
+
+def test_ray_train_restarted_the_worker_group_on_the_replacement_host(host_lost):
+    first, second = host_lost.attempts  # exactly one restart
+    assert first["status"] in ("ERRORED", "ABORTED") and second["status"] == "FINISHED"
+    assert host_lost.victim in {worker["node_ip"] for worker in first["workers"]}
+    survivors = {worker["node_ip"] for worker in first["workers"]} - {host_lost.victim}
+    assert {worker["node_ip"] for worker in second["workers"]} == survivors | {host_lost.replacement}
+    assert first["end_time_ns"] <= second["start_time_ns"]
+    assert 0 < host_lost.restart_s < 180, host_lost.restart_s
+
+
+def test_restarted_workers_resumed_from_the_newest_complete_checkpoint(host_lost):
+    """The run directory: step 5 was saved once, before the host was lost (a restart from scratch would
+    have saved it again), step 10 after the restart began; each restarted worker's log, where Ray recorded
+    it, says it resumed from step 5."""
+    run = RunDir(host_lost.config.run_dir)
+    _, second = host_lost.attempts
+    assert (run.step_dir(5) / "state.json").stat().st_mtime_ns < host_lost.killed_at_ns
+    assert (run.step_dir(STEPS) / "state.json").stat().st_mtime_ns > second["start_time_ns"]
+    logs = [Path(worker["log_file_path"]).read_text(errors="replace") for worker in second["workers"]]
+    assert all(f"resuming from {run.step_dir(5)} (step 5)" in log for log in logs)
+
+
+def test_run_with_a_lost_host_ends_with_the_uninterrupted_parameters(one_host, host_lost):
+    _, config = one_host
+    assert_same_params(host_lost.final_params(), load_model(RunDir(config.run_dir).latest()[1])[1], atol=1e-5)
+
+
+def test_run_with_a_lost_host_logs_each_steps_loss_once(one_host, host_lost):
+    reference, _ = one_host
+    losses = host_lost.losses()
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    for step, values in losses.items():
+        assert values == pytest.approx([reference[step]], abs=1e-5), step
