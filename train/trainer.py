@@ -222,14 +222,14 @@ class Trainer:
                     next_batch = reader.submit(self.batches.read, index + 1, self.local_rows)
                 state, device_metrics = self.train_step(state, self.global_array(tokens, batch_shape))
                 if pending is not None:
-                    self.after_step(*pending)
+                    self.finish_step(*pending)
                 done = index + 1
                 pending = (done, device_metrics, data_wait)
                 evaluates = config.eval.every_steps and (done % config.eval.every_steps == 0
                                                          or done == config.train.steps)
                 saves = done % config.checkpoint.every_steps == 0 or done == config.train.steps
                 if evaluates or saves:
-                    metrics = self.after_step(*pending, extra=self.evaluate(state["params"]) if evaluates else {})
+                    metrics = self.finish_step(*pending, extra=self.evaluate(state["params"]) if evaluates else {})
                     pending = None
                 if saves:
                     path = self.save(state)
@@ -240,7 +240,7 @@ class Trainer:
             reader.shutdown(wait=False, cancel_futures=True)
         return {**metrics, "step": last_saved}
 
-    def after_step(self, done: int, device_metrics: dict, data_wait: float,
+    def finish_step(self, done: int, device_metrics: dict, data_wait: float,
                    extra: dict[str, float] | None = None) -> dict[str, float]:
         """Read step `done`'s metrics from the device (waiting for it), check them, log them, call the hooks."""
         config = self.config
