@@ -77,12 +77,7 @@ def dataset(cluster, sp_model, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def base(dataset, tmp_path_factory) -> list[str]:
     """The overrides of tests/test_train_run.py: dataset, a short schedule, one JAX compilation cache."""
-    return [
-        f"data.path={dataset}", f"train.seq_len={SEQ_LEN}", f"train.steps={STEPS}", "train.global_batch_size=8",
-        "train.log_every=1", "optimizer.warmup_steps=2", "checkpoint.every_steps=5", "eval.every_steps=5",
-        "eval.batches=1", "device.peak_flops=1e11",
-        f"device.compilation_cache_dir={tmp_path_factory.mktemp('jax_cache')}",
-    ]
+    return harness.short_run(dataset, SEQ_LEN, STEPS, tmp_path_factory.mktemp("jax_cache"))
 
 
 class Losses(Hook):
