@@ -77,17 +77,6 @@ class StepPlan:
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "flops_ratio": self.flops_ratio, "collective_ratio": self.collective_ratio}
 
-    def table_row(self) -> str:
-        """One line of docs/tpu.md's table."""
-        return (f"| {self.config} | {self.slice} ({self.devices} chips) | {self.remat_policy} | "
-                f"{self.hbm_needed_bytes / GiB:.1f} of {self.hbm_capacity_bytes / GiB:.2f} GiB | "
-                f"{'yes' if self.fits else 'no'} | {self.flops_ratio:.2f}x | {self.collective_ratio:.2f}x | "
-                f"{self.compile_seconds:.0f} s |")
-
-
-TABLE_HEADER = ("| config | slice | remat | HBM per chip | fits | executed / model FLOPs | collectives / FSDP "
-                "minimum | compile |\n|---|---|---|---|---|---|---|---|")
-
 
 def compile_only_devices(tpu: Slice) -> list:
     """The chips of `tpu` as devices the TPU compiler can target from a machine without them."""

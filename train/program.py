@@ -34,10 +34,6 @@ class Program:
     train_step: Callable  # step_function jitted with the shardings above, donating the state
     eval_step: Callable  # (params, tokens, row weight) -> (summed loss, tokens)
 
-    @property
-    def axis_sizes(self) -> dict[str, int]:
-        return dict(self.mesh.shape)
-
     def abstract_batch(self, config: TrainConfig) -> jax.ShapeDtypeStruct:
         shape = (config.train.global_batch_size, config.train.seq_len + 1)
         return jax.ShapeDtypeStruct(shape, np.int32, sharding=self.batch_sharding)

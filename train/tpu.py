@@ -17,8 +17,6 @@ CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
 # HBM a program may use per chip (what the TPU compiler reports as the limit), for `openllama plan`
 HBM_BYTES = {"v4": int(30.75 * 2**30), "v5p": int(95.74 * 2**30), "v5e": int(15.75 * 2**30),
              "v6e": int(31.25 * 2**30)}
-# Dense bf16 peak FLOP/s per chip, for MFU
-PEAK_FLOPS = {"v4": 275e12, "v5p": 459e12, "v5e": 197e12, "v6e": 918e12}
 
 
 @dataclass(frozen=True)
