@@ -6,16 +6,15 @@ line is quarantined and counted instead of stopping a multi-terabyte run, and no
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import fsspec
+import pyarrow.fs as pafs
 import zstandard
 
+from openllama import files
 from openllama.commands import BadInput
 
 SUBSETS = ("arxiv", "book", "c4", "common_crawl", "github", "stackexchange", "wikipedia")
@@ -45,15 +44,46 @@ _FOLDER_NAMES = {**{s: s for s in SUBSETS}, "books": "book", "wiki": "wikipedia"
 class Document:
     text: str
     meta: str  # the record's `meta` (or, for flat common_crawl records, every non-text field) as JSON
-    line: int
+    line: int | None  # 1-based line number in the file; None inside a span that starts mid-file
     nbytes: int
+    offset: int = 0  # where the line starts in the file's (decompressed) bytes
 
 
 @dataclass(frozen=True)
 class Rejected:
     reason: str
-    line: int
+    line: int | None
     excerpt: str
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class Span:
+    """A part of one input file: the lines whose first byte lies in [start, end) of its (decompressed) bytes.
+
+    Spans let the cores of a cluster share one large file. Each line belongs to exactly one span, the one
+    holding its first byte, so spans that tile a file read every document once: a span starting mid-line
+    skips to the next line, and one whose last line runs past `end` reads it to its newline.
+    A compressed file is one span (its bytes can only be reached by decompressing from the start).
+    """
+
+    path: str
+    start: int = 0
+    end: int | None = None  # None: the end of the file
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.end is None
+
+
+def spans_of(path: str, span_bytes: int) -> list[Span]:
+    """`path` cut into spans of about `span_bytes` (one span for a compressed or a small file)."""
+    size = files.size_of(path)
+    if path.endswith(".zst") or size <= span_bytes:
+        return [Span(path)]
+    count = -(-size // span_bytes)
+    edges = [size * i // count for i in range(count + 1)]
+    return [Span(path, start, end if end < size else None) for start, end in zip(edges, edges[1:], strict=False)]
 
 
 def subset_of(path: str) -> str:
@@ -77,64 +107,104 @@ def _is_input_file(name: str) -> bool:
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
-    """Files named by INPUTs (RedPajama root folders, subset folders, files, globs; local or fsspec URIs), sorted."""
-    files: set[str] = set()
+    """Files named by INPUTs (RedPajama root folders, subset folders, files, globs; local, gs:// or s3://), sorted."""
+    found_all: set[str] = set()
     for item in inputs:
-        fs, _ = fsspec.core.url_to_fs(item)
-        protocol = "" if "://" not in item else item.split("://", 1)[0] + "://"
         if any(ch in item for ch in "*?["):
-            found = sorted(glob.glob(item, recursive=True)) if not protocol else fs.glob(item)
-        elif fs.isdir(item):
-            found = [p for p in fs.find(item) if _is_input_file(p)]
-        elif fs.exists(item):
-            found = [item]
+            found = files.glob_files(item)
         else:
-            raise FileNotFoundError(f"input {item!r} does not exist")
-        found = [p if p.startswith(protocol) else protocol + p for p in found if _is_input_file(p)]
+            kind = files.kind(item)
+            if kind == pafs.FileType.Directory:
+                found = files.files_under(item)
+            elif kind == pafs.FileType.File:
+                found = [files.check_location(item) if files.is_uri(item) else files.filesystem(item)[1]]
+            else:
+                raise FileNotFoundError(f"input {item!r} does not exist")
+        found = [p for p in found if _is_input_file(p)]
         if not found:
             raise FileNotFoundError(f"input {item!r} holds no RedPajama files ({' or '.join(INPUT_SUFFIXES)})")
-        files.update(os.path.abspath(p) if not protocol else p for p in found)
-    return sorted(files)
+        found_all.update(found)
+    return sorted(found_all)
 
 
-def _lines(path: str) -> Iterator[tuple[bytes, bool]]:
-    """Raw lines of a (possibly zstd-compressed) file; the flag marks a last line cut off by a truncated file."""
-    with fsspec.open(path, "rb") as f:
-        if not path.endswith(".zst"):
-            yield from ((line, False) for line in f)
-            return
-        decompressor = zstandard.ZstdDecompressor().decompressobj()
+def _chunks(reader, first: bytes = b"") -> Iterator[bytes]:
+    """`first`, then the reader's bytes in READ_CHUNK pieces."""
+    if first:
+        yield first
+    while chunk := reader.read(READ_CHUNK):
+        yield chunk
+
+
+def _decompressed(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """zstd-compressed chunks decompressed (a file may hold several frames); raises EOFError when cut off."""
+    decompressor = zstandard.ZstdDecompressor().decompressobj()
+    for chunk in chunks:
+        data = decompressor.decompress(chunk)
+        while decompressor.eof and decompressor.unused_data:  # a file made of several zstd frames
+            rest = decompressor.unused_data
+            decompressor = zstandard.ZstdDecompressor().decompressobj()
+            data += decompressor.decompress(rest)
+        yield data
+    if not decompressor.eof:
+        raise EOFError
+
+
+def _lines(span: Span) -> Iterator[tuple[int, bytes, bool]]:
+    """(offset, raw line) of the lines that start in `span`; the flag marks a last line cut off by a truncated file."""
+    with files.open_input(span.path) as reader:
+        offset = span.start
+        if span.start:
+            reader.seek(span.start - 1)  # the byte before the span says whether it starts on a line
+            chunks = _chunks(reader)
+            if reader.read(1) != b"\n":
+                for chunk in chunks:
+                    newline = chunk.find(b"\n")
+                    if newline < 0:
+                        offset += len(chunk)
+                        continue
+                    offset += newline + 1
+                    chunks = _chunks(reader, chunk[newline + 1:])
+                    break
+                else:
+                    return  # the span lies inside the file's last line, which the span before owns
+        else:
+            chunks = _chunks(reader)
+        if span.path.endswith(".zst"):
+            chunks = _decompressed(chunks)
         pending = b""
-        while chunk := f.read(READ_CHUNK):
-            data = decompressor.decompress(chunk)
-            while decompressor.eof and decompressor.unused_data:  # a file made of several zstd frames
-                rest = decompressor.unused_data
-                decompressor = zstandard.ZstdDecompressor().decompressobj()
-                data += decompressor.decompress(rest)
-            *complete, pending = (pending + data).split(b"\n")
-            yield from ((line + b"\n", False) for line in complete)
-        if not decompressor.eof:
-            yield pending, True
-        elif pending:
-            yield pending, False
+        try:
+            for data in chunks:
+                *complete, pending = (pending + data).split(b"\n")
+                for line in complete:
+                    if span.end is not None and offset >= span.end:
+                        return
+                    yield offset, line + b"\n", False
+                    offset += len(line) + 1
+        except EOFError:
+            yield offset, pending, True
+            return
+        if pending and (span.end is None or offset < span.end):
+            yield offset, pending, False
 
 
-def read_records(path: str, max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES) -> Iterator[Document | Rejected]:
-    """Each non-blank line of `path` as a Document or a Rejected (with reason and 1-based line number)."""
-    for number, (raw, cut_off) in enumerate(_lines(path), start=1):
-        if number == 1 and raw.startswith(BOM):
+def read_records(source: str | Span, max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES) -> Iterator[Document | Rejected]:
+    """Each non-blank line of a file (or of one span of it) as a Document or a Rejected with reason and place."""
+    span = source if isinstance(source, Span) else Span(source)
+    for number, (offset, raw, cut_off) in enumerate(_lines(span), start=1):
+        line = number if span.start == 0 else None
+        if offset == 0 and raw.startswith(BOM):
             raw = raw[len(BOM):]
         if cut_off:
-            yield Rejected("truncated", number, raw[:200].decode("utf-8", "replace"))
+            yield Rejected("truncated", line, raw[:200].decode("utf-8", "replace"), offset)
             return
         if not raw.strip():
             continue
-        yield _parse(raw, number, max_doc_bytes)
+        yield _parse(raw, line, offset, max_doc_bytes)
 
 
-def _parse(raw: bytes, number: int, max_doc_bytes: int) -> Document | Rejected:
+def _parse(raw: bytes, number: int | None, offset: int, max_doc_bytes: int) -> Document | Rejected:
     def reject(reason: str) -> Rejected:
-        return Rejected(reason, number, raw[:200].decode("utf-8", "replace"))
+        return Rejected(reason, number, raw[:200].decode("utf-8", "replace"), offset)
 
     try:
         line = raw.decode("utf-8")
@@ -160,4 +230,4 @@ def _parse(raw: bytes, number: int, max_doc_bytes: int) -> Document | Rejected:
     if nbytes > max_doc_bytes:
         return reject("too_large")
     meta = record["meta"] if "meta" in record else {k: v for k, v in record.items() if k != "text"}
-    return Document(text, json.dumps(meta, ensure_ascii=False), number, nbytes)
+    return Document(text, json.dumps(meta, ensure_ascii=False), number, nbytes, offset)

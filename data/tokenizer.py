@@ -168,20 +168,20 @@ def sample_documents(inputs: list[str], sample_docs: int, seed: int = 0,
 
 def train_tokenizer(inputs: list[str], out_dir: str | Path, vocab_size: int = 32000,
                     sample_docs: int = DEFAULT_SAMPLE_DOCS, seed: int = 0,
-                    weights: dict[str, float] | None = None) -> Path:
+                    weights: dict[str, float] | None = None) -> str:
     """Sample RedPajama by mixture weight and train LLaMA's tokenizer; reuses a finished identical run."""
     return build_tokenizer(TokenizerTrainConfig(inputs=[str(i) for i in inputs], out=str(out_dir),
                                                 vocab_size=vocab_size, sample_docs=sample_docs, seed=seed,
                                                 weights=weights))
 
 
-def build_tokenizer(config: TokenizerTrainConfig) -> Path:
+def build_tokenizer(config: TokenizerTrainConfig) -> str:
     """`train_tokenizer` from a config: the model is published first, its settings last, each whole."""
-    out_dir = Path(config.out)
+    out_dir = config.out.rstrip("/") if files.is_uri(config.out) else str(Path(config.out).absolute())
     request = {"inputs": redpajama.expand_inputs(config.inputs), "vocab_size": config.vocab_size,
                "sample_docs": config.sample_docs, "seed": config.seed, "weights": config.weights}
-    settings_path, model_path = out_dir / "tokenizer_settings.json", out_dir / "tokenizer.model"
-    if settings_path.exists() and model_path.exists():
+    settings_path, model_path = files.join(out_dir, "tokenizer_settings.json"), files.join(out_dir, "tokenizer.model")
+    if files.is_file(settings_path) and files.is_file(model_path):
         if files.read_json(settings_path).get("request") == request:
             log.info("%s already holds this tokenizer; reusing it", model_path)
             return model_path
@@ -232,10 +232,9 @@ def load_for_model(path: str | Path, vocab_size: int, bos_id: int, eos_id: int) 
     A tokenizer may have fewer pieces than the model's vocabulary (embeddings padded to a round size),
     never more, and its BOS/EOS must be the ids the model was trained with.
     """
-    path = Path(path)
-    if not path.is_file():
+    if not files.is_file(path):
         raise FileNotFoundError(f"tokenizer {path} does not exist; pass --tokenizer PATH/tokenizer.model")
-    tokenizer = spm.SentencePieceProcessor(model_file=str(path))
+    tokenizer = spm.SentencePieceProcessor(model_proto=files.read_bytes(path))
     if tokenizer.get_piece_size() > vocab_size:
         raise BadInput(
             f"tokenizer {path} has {tokenizer.get_piece_size()} pieces but the model's vocab_size is "

@@ -4,13 +4,22 @@ A reader must never see half a file or half a folder, whatever moment a crash pi
 folder is written under a temporary name beside its target and renamed into place (a rename is atomic
 on one filesystem). An object store has no rename, but an object appears only when its upload
 completes, so there the bytes go straight to the target.
+
+This is also the one filesystem layer of the data side: local paths, gs:// and s3:// all go through
+pyarrow's filesystems. Endpoints and credentials come from the standard environment (AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, ...), never from a URI, so
+a location can be logged, recorded in a manifest or shown in an error without leaking a secret.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import functools
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -20,6 +29,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from openllama.commands import BadInput
+
 CHUNK_BYTES = 1 << 20
 
 
@@ -28,11 +39,90 @@ def is_uri(path: str | Path) -> bool:
     return "://" in str(path)
 
 
+class CredentialsInLocation(BadInput):
+    """A URI that carries a key or options (s3://KEY:SECRET@bucket/..., ?secret_key=): logs would keep them."""
+
+
+def check_location(location: str | Path) -> str:
+    """`location` as a string, refused when its authority holds credentials or its scheme is unknown."""
+    location = str(location)
+    if is_uri(location):
+        scheme, rest = location.split("://", 1)
+        if "@" in rest.split("/", 1)[0] or "?" in rest:
+            raise CredentialsInLocation(
+                f"{scheme}://...: put credentials in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                "GOOGLE_APPLICATION_CREDENTIALS), not in the location, where logs and manifests would keep them")
+        if scheme not in SCHEMES:
+            raise BadInput(f"{location}: unknown scheme {scheme}://; use a local path, {', '.join(SCHEMES)}://")
+    return location
+
+
+SCHEMES = ("s3", "gs", "gcs", "file")
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_filesystem(scheme: str, bucket: str) -> pafs.FileSystem:
+    """One filesystem object per bucket: making one can cost a request (S3 resolves the bucket's region)."""
+    return pafs.FileSystem.from_uri(f"{scheme}://{bucket}")[0]
+
+
 def filesystem(path: str | Path) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path on it) for a local path or any URI pyarrow understands (gs://, s3://, file://)."""
-    if is_uri(path):
-        return pafs.FileSystem.from_uri(str(path))
-    return pafs.LocalFileSystem(), os.path.abspath(path)
+    """(filesystem, path on it) for a local path or a gs://, s3:// or file:// URI."""
+    path = check_location(path)
+    if not is_uri(path):
+        return pafs.LocalFileSystem(), os.path.abspath(path)
+    scheme, rest = path.split("://", 1)
+    if scheme == "file":
+        return pafs.LocalFileSystem(), os.path.abspath(rest)
+    return _bucket_filesystem(scheme, rest.split("/", 1)[0]), rest.rstrip("/")
+
+
+def join(root: str, *parts: str) -> str:
+    """`root`/parts for a local path or a URI alike."""
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def kind(location: str | Path) -> pafs.FileType:
+    """File, Directory or NotFound (a bucket prefix with objects under it counts as a directory)."""
+    fs, path = filesystem(location)
+    found = fs.get_file_info(path).type
+    if found == pafs.FileType.NotFound and is_uri(location):  # some stores keep no folder markers
+        listing = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+        return pafs.FileType.Directory if listing else found
+    return found
+
+
+def is_file(location: str | Path) -> bool:
+    return kind(location) == pafs.FileType.File
+
+
+def size_of(location: str | Path) -> int:
+    fs, path = filesystem(location)
+    return fs.get_file_info(path).size
+
+
+def files_under(folder: str | Path) -> list[str]:
+    """Every file below `folder` (recursively), named the way `folder` was (local path or URI), sorted."""
+    folder = check_location(folder)
+    fs, path = filesystem(folder)
+    found = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    prefix = folder.split("://", 1)[0] + "://" if is_uri(folder) and not folder.startswith("file://") else ""
+    return sorted(prefix + info.path for info in found if info.type == pafs.FileType.File)
+
+
+def glob_files(pattern: str) -> list[str]:
+    """The files matching a shell pattern (`*`, `?`, `[...]`, `**`), local or in a bucket, sorted."""
+    pattern = check_location(pattern)
+    if not is_uri(pattern):
+        return sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    fixed = re.split(r"[*?\[]", pattern, maxsplit=1)[0].rsplit("/", 1)[0]
+    return [p for p in files_under(fixed) if fnmatch.fnmatchcase(p, pattern)]
+
+
+def open_input(location: str | Path) -> Any:
+    """A seekable binary reader of `location`: a ranged read fetches only the bytes asked for."""
+    fs, path = filesystem(location)
+    return fs.open_input_file(path)
 
 
 def temporary_name(target: Path) -> Path:

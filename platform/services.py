@@ -103,7 +103,7 @@ def _http_ok(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def _wait_http(url: str, timeout: float, log: Path, what: str, pgid: int | None = None) -> None:
+def wait_http(url: str, timeout: float, log: Path, what: str, pgid: int | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if _http_ok(url):
@@ -225,7 +225,7 @@ def start_ray_head(state_dir: str | Path, num_cpus: int = 2, object_store_bytes:
     write_json(state_dir / RAY_STATE, asdict(head))
     try:
         _wait_ray_start(proc, timeout, log, "ray start --head")
-        _wait_http(f"{head.dashboard_url}/api/gcs_healthz", timeout, log, "Ray dashboard", head.pgid)
+        wait_http(f"{head.dashboard_url}/api/gcs_healthz", timeout, log, "Ray dashboard", head.pgid)
     except BaseException:
         stop_ray_head(head)
         raise
@@ -372,7 +372,7 @@ class MlflowServer:
         self.pgid = proc.pid
         write_json(state / MLFLOW_STATE, asdict(self))
         try:
-            _wait_http(f"{self.uri}/health", timeout, log, "MLflow server", self.pgid)
+            wait_http(f"{self.uri}/health", timeout, log, "MLflow server", self.pgid)
         except BaseException:
             self.stop()
             raise

@@ -63,3 +63,21 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     server = start_mlflow_server(tmp_path_factory.mktemp("mlflow_server"), owner_pid=os.getpid())
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3-protocol server (moto) on 127.0.0.1; `.env` points clients at it, `.new_bucket()` makes one."""
+    from object_store import start_s3_server
+
+    server = start_s3_server(tmp_path_factory.mktemp("s3_server"), owner_pid=os.getpid())
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server, monkeypatch: pytest.MonkeyPatch) -> str:
+    """s3://<a new bucket>, with this process's environment pointing at the test server for the test."""
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    return f"s3://{s3_server.new_bucket()}"

@@ -124,3 +124,40 @@ def test_inputs_expand_folders_globs_and_files(tmp_path):
 def test_a_missing_input_is_an_error_naming_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         redpajama.expand_inputs([str(tmp_path / "nowhere")])
+
+
+def spanned_file(tmp_path: Path) -> Path:
+    """Lines of very different lengths (one far longer than a span), blank lines, CRLF, no final newline."""
+    lines = [BOM_LINE]
+    for i in range(300):
+        size = 5000 if i == 150 else (i * 37) % 400
+        lines.append(json.dumps({"text": f"doc {i} " + "x" * size}).encode() + (b"\r\n" if i % 7 == 0 else b"\n"))
+        if i % 11 == 0:
+            lines.append(b"\n")
+    lines.append(json.dumps({"text": "the last line has no newline"}).encode())
+    return write_lines(tmp_path / "wikipedia" / "wiki.jsonl", lines)
+
+
+BOM_LINE = redpajama.BOM + json.dumps({"text": "the first line starts with a BOM"}).encode() + b"\n"
+
+
+@pytest.mark.parametrize("span_bytes", [1, 97, 1000, 4999, 5001, 30_000, 10**9])
+def test_spans_of_a_file_read_every_line_exactly_once_with_its_offset(tmp_path, span_bytes):
+    path = spanned_file(tmp_path)
+    whole = records(path)
+    spans = redpajama.spans_of(str(path), span_bytes)
+    assert spans[0].start == 0 and spans[-1].end is None and len(spans) == max(1, -(-path.stat().st_size // span_bytes))
+    pieces = [r for span in spans for r in redpajama.read_records(span)]
+    assert [(r.text, r.offset) for r in pieces] == [(r.text, r.offset) for r in whole]
+    data = path.read_bytes()
+    for record in pieces:  # each offset is where the record's line starts in the file
+        assert data[record.offset:].split(b"\n", 1)[0].lstrip(redpajama.BOM).decode().rstrip("\r") == \
+            json.dumps({"text": record.text})
+    assert [r.line for r in whole] == sorted(r.line for r in whole)  # line numbers where the span starts the file
+
+
+def test_a_compressed_file_is_one_span(tmp_path):
+    path = tmp_path / "c4" / "c4-train.00000-of-01024.jsonl.zst"
+    path.parent.mkdir()
+    path.write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "a"}\n' * 10_000))
+    assert redpajama.spans_of(str(path), 100) == [redpajama.Span(str(path))]

@@ -53,7 +53,7 @@ def write_metadata(path: Path, config: LlamaConfig, tokenizer: str | Path | None
     """Config and tokenizer copy beside the weights (used by save_model and by training checkpoints)."""
     (path / MODEL_JSON).write_text(json.dumps(config_to_dict(config), indent=2, sort_keys=True))
     if tokenizer is not None:
-        shutil.copyfile(tokenizer, path / TOKENIZER)
+        files.copy_file(tokenizer, path / TOKENIZER)  # local or in a bucket
 
 
 def save_model(path: str | Path, params: Any, config: LlamaConfig, tokenizer: str | Path | None = None) -> Path:

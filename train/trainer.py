@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from openllama import files
 from openllama.commands import WorkFailed
 from openllama.config import ConfigError
 from openllama.data.shards import PackedDataset
@@ -95,13 +96,13 @@ def open_datasets(config: TrainConfig) -> tuple[PackedDataset, PackedDataset | N
     return train, validation
 
 
-def tokenizer_path(config: TrainConfig, manifest: dict) -> Path | None:
-    """data.tokenizer, else the tokenizer the dataset's manifest names, when the file is there."""
+def tokenizer_path(config: TrainConfig, manifest: dict) -> str | None:
+    """data.tokenizer, else the tokenizer the dataset's manifest names, when the file is there (local or URI)."""
     path = config.data.tokenizer or manifest.get("tokenizer", {}).get("path")
-    return Path(path) if path and Path(path).is_file() else None
+    return path if path and files.is_file(path) else None
 
 
-def check_start(config: TrainConfig, tokenizer: Path | None) -> None:
+def check_start(config: TrainConfig, tokenizer: str | None) -> None:
     """Weights to start from fit the run's model, and the run's tokenizer fits them: before any work."""
     llama = config.llama()
     check_architecture(config.train.init_from, llama)
