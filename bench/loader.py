@@ -1,16 +1,19 @@
 """Training's data path against the storage under it: rows/s and bytes read per row vs a sequential read.
 
-Three measurements, in this process, on one dataset of production-size shards (2**26 tokens each by default):
+Four measurements, in this process, on one dataset of production-size shards (2**26 tokens each by default):
   sequential  every shard read whole, front to back, in large reads: what the storage itself delivers, the
               physical limit for this reader
+  bare ranged one-row ranged reads at random by the bare filesystem client, as many in flight as our reader
+              keeps: the storage's own limit for random rows (on a bucket, its request latency)
   batches     `GlobalBatches.read` of B random rows per step (the loader's own pattern), on a cold reader
   one by one  `PackedDataset.read` of a single random row per call (latency rather than bandwidth)
 each cold (the shards evicted from the page cache first, on local disk) and again warm. Bytes read per row come
 from the reader's count of its ranged reads and, on local disk, from the kernel's count of this process's reads
 (/proc/self/io). Then the loader's planning cost at RedPajama-1T's row counts (plan(0), plan(250_000)).
 
-The dataset is written by the bench into a temporary folder, or into `--root` (local or s3://, gs://) when that
-holds no dataset yet; a `--root` holding a dataset is read as it is.
+The dataset is written by the bench into a temporary folder and then into a bucket of an S3-protocol server it
+starts on 127.0.0.1 (moto, from the test extra), or into `--root` (local or s3://, gs://) when that holds no
+dataset yet; a `--root` holding a dataset is read as it is.
 
     .venv/bin/python bench/loader.py [--root DIR_OR_URI] [--shards 4] [--shard-tokens 67108864] [--batch 32]
 """
@@ -19,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +35,7 @@ import pyarrow.fs as pafs
 
 from openllama import files
 from openllama.data.mixture import REDPAJAMA_TOKENS
-from openllama.data.shards import PackedDataset, write_dataset
+from openllama.data.shards import READ_THREADS, PackedDataset, write_dataset
 from openllama.train.loader import GlobalBatches
 
 SUBSET = "common_crawl"
@@ -148,20 +153,84 @@ def planning() -> None:
               f"RSS growth {grown / 2**20:.1f} MiB")
 
 
-def report(name: str, result: dict, sequential_bps: float) -> None:
+def report(name: str, result: dict, sequential_bps: float, ranged_rows_per_s: float) -> None:
     row_bytes = result["row_bytes"]
     throughput = result["rows_per_s"] * row_bytes
     kernel = result["kernel_bytes_per_row"]
     kernel_text = f", kernel {kernel:,.0f} ({kernel / row_bytes:.4f}x)" if kernel is not None else ""
     print(f"  {name:<22} {result['rows_per_s']:>10,.0f} rows/s = {throughput / 2**20:8.1f} MiB/s of rows "
-          f"({throughput / sequential_bps:6.3f}x sequential); bytes read per {row_bytes}-byte row: reader "
+          f"({throughput / sequential_bps:6.3f}x sequential, {result['rows_per_s'] / ranged_rows_per_s:5.2f}x bare "
+          f"ranged reads); bytes read per {row_bytes}-byte row: reader "
           f"{result['bytes_per_row']:,.0f} ({result['bytes_per_row'] / row_bytes:.4f}x){kernel_text}")
+
+
+def bare_ranged_reads(dataset: PackedDataset, seconds: float) -> float:
+    """Rows/s of one-row ranged reads at random offsets by the bare filesystem client, READ_THREADS in flight:
+    the store's own limit for random rows, without our reader's planning, checksums or decoding."""
+    shards = shard_paths(dataset)
+    handles = [files.open_input(path) for path in shards]
+    record = dataset.layout.record_bytes
+    rows = [shard["rows"] for shard in dataset.manifest["shards"] if shard["split"] == "train"]
+    rng = np.random.default_rng(2)
+    done, started = 0, time.perf_counter()
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        while time.perf_counter() - started < seconds:
+            picks = rng.integers(0, len(handles), size=READ_THREADS * 4)
+            offsets = [int(rng.integers(0, rows[i])) * record for i in picks]
+            list(pool.map(lambda pick: handles[pick[0]].read_at(record, pick[1]), zip(picks, offsets, strict=True)))
+            done += len(picks)
+    return done / (time.perf_counter() - started)
+
+
+def measure(root: str, args: argparse.Namespace, shards: int) -> None:
+    """Every measurement on the dataset at `root`, written there first when it holds none."""
+    fs, inner = files.filesystem(f"{root.rstrip('/')}/manifest.json")
+    if fs.get_file_info(inner).type != pafs.FileType.File:
+        started = time.perf_counter()
+        write_synthetic(root, shards, args.shard_tokens, args.seq_len)
+        print(f"wrote {shards} shards of {args.shard_tokens:,} tokens to {root} "
+              f"in {time.perf_counter() - started:.1f} s")
+    dataset = PackedDataset.open(root, "train")
+    size = sum(shard["bytes"] for shard in dataset.manifest["shards"])
+    print(f"dataset: {len(dataset.manifest['shards'])} shards, {dataset.rows(SUBSET):,} rows of "
+          f"{dataset.layout.width} {dataset.layout.dtype.name} tokens ({dataset.layout.record_bytes} bytes a "
+          f"record), {size / 2**20:,.0f} MiB; batch {args.batch} rows per step")
+    for cache in ("cold", "warm"):
+        cold = cache == "cold" and evict(dataset)
+        if cache == "cold" and not cold:
+            print("cold: the page cache cannot be dropped for this root; every pass reads from the store")
+        seconds, total = sequential(dataset)
+        sequential_bps = total / seconds
+        if cache == "cold":
+            evict(dataset)
+        ranged = bare_ranged_reads(dataset, args.seconds / 2)
+        print(f"{cache}: sequential read {total / 2**20:,.0f} MiB in {seconds:.2f} s = "
+              f"{sequential_bps / 2**20:,.1f} MiB/s; bare ranged reads of one row, {READ_THREADS} in flight: "
+              f"{ranged:,.0f} rows/s")
+        for name, one_by_one in (("batches", False), ("one row per read", True)):
+            if cache == "cold":
+                evict(dataset)
+            report(name, random_rows(root, "train", args.batch, args.seconds, one_by_one), sequential_bps, ranged)
+
+
+def loopback_s3(scratch: str):
+    """A moto S3 server on 127.0.0.1 (the test extra's), with this process's AWS settings pointing at it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    try:
+        from object_store import start_s3_server
+    except ImportError as error:
+        print(f"s3: skipped ({error}; install the test extra for moto)")
+        return None
+    server = start_s3_server(Path(scratch), owner_pid=os.getpid())
+    os.environ.update(server.env)
+    return server
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", help="dataset folder or URI (default: a temporary folder, removed after)")
+    parser.add_argument("--root", help="dataset folder or URI (default: a temporary folder, then a loopback S3 bucket)")
     parser.add_argument("--shards", type=int, default=4, help="shards to write when the root holds no dataset")
+    parser.add_argument("--s3-shards", type=int, default=2, help="shards to write into the loopback S3 server")
     parser.add_argument("--shard-tokens", type=int, default=1 << 26, help="tokens per shard written")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=32, help="rows per loader step (one host's share)")
@@ -169,30 +238,18 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-loader-", dir=os.environ.get("TMPDIR")) as scratch:
-        root = args.root or f"{scratch}/dataset"
-        fs, inner = files.filesystem(f"{root.rstrip('/')}/manifest.json")
-        if fs.get_file_info(inner).type != pafs.FileType.File:
-            started = time.perf_counter()
-            write_synthetic(root, args.shards, args.shard_tokens, args.seq_len)
-            print(f"wrote {args.shards} shards of {args.shard_tokens:,} tokens to {root} "
-                  f"in {time.perf_counter() - started:.1f} s")
-        dataset = PackedDataset.open(root, "train")
-        size = sum(shard["bytes"] for shard in dataset.manifest["shards"])
-        print(f"dataset: {len(dataset.manifest['shards'])} shards, {dataset.rows(SUBSET):,} rows of "
-              f"{dataset.layout.width} {dataset.layout.dtype.name} tokens ({dataset.layout.record_bytes} bytes a "
-              f"record), {size / 2**20:,.0f} MiB; batch {args.batch} rows per step")
-        for cache in ("cold", "warm"):
-            cold = cache == "cold" and evict(dataset)
-            if cache == "cold" and not cold:
-                print("cold: the page cache cannot be dropped for this root; every pass reads from the store")
-            seconds, total = sequential(dataset)
-            sequential_bps = total / seconds
-            print(f"{cache}: sequential read {total / 2**20:,.0f} MiB in {seconds:.2f} s = "
-                  f"{sequential_bps / 2**20:,.1f} MiB/s")
-            for name, one_by_one in (("batches", False), ("one row per read", True)):
-                if cache == "cold":
-                    evict(dataset)
-                report(name, random_rows(root, "train", args.batch, args.seconds, one_by_one), sequential_bps)
+        if args.root:
+            measure(args.root, args, args.shards)
+        else:
+            print("== local disk")
+            measure(f"{scratch}/dataset", args, args.shards)
+            server = loopback_s3(scratch)
+            if server is not None:
+                try:
+                    print(f"== S3 protocol on loopback (moto at {server.endpoint})")
+                    measure(f"s3://{server.new_bucket()}/dataset", args, args.s3_shards)
+                finally:
+                    server.stop()
     print("loader planning at RedPajama-1T scale (rows = tokens // 2048 per subset):")
     planning()
 

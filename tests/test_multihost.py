@@ -11,6 +11,7 @@ the step a worker resumed from, from each worker's log where that record locates
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -320,3 +321,48 @@ def test_run_with_a_lost_host_logs_each_steps_loss_once(one_host, host_lost):
     assert sorted(losses) == list(range(1, STEPS + 1))
     for step, values in losses.items():
         assert values == pytest.approx([reference[step]], abs=1e-5), step
+
+
+# --- tokenizing across hosts, one host lost ----------------------------------------------------------------
+
+
+def shard_entries(dataset: Path) -> list[tuple]:
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    return sorted((s["path"], s["sha256"], s["rows"], s["documents"]) for s in manifest["shards"])
+
+
+@pytest.fixture(scope="module")
+def tokenize_host_lost(cluster, sp_model, dataset, tmp_path_factory) -> dict:
+    """The `dataset` fixture's command run as a Ray client from the head host, a worker host killed whole once
+    the first unit is done and a replacement host joining; rerun when the first run failed."""
+    out = tmp_path_factory.mktemp("tokenize_host_lost") / "data"
+    command = [*cluster.head_host.launcher, sys.executable, "-m", "openllama.cli", "data", "tokenize", str(SAMPLE),
+               "--tokenizer", str(sp_model), "--out", str(out), "--seq-len", str(SEQ_LEN), "--val-fraction", "0.2",
+               "--no-track"]
+    proc = harness.start(command, cluster.env(), cwd=REPO)
+    try:
+        harness.wait_for(lambda: list((out / "units").glob("*.json")), 300, "the first finished unit", proc)
+        done_at_kill = len(list((out / "units").glob("*.json")))
+        killed_at = time.perf_counter()
+        victim = cluster.worker_addresses[0]
+        cluster.lose_host(victim)
+        cluster.add_worker_host()
+        _, first_err = proc.communicate(timeout=400)
+    except BaseException:
+        harness.kill_group(proc)
+        raise
+    reruns = 0
+    if proc.returncode != 0:  # Ray did not run the lost tasks again: the rerun finishes the dataset
+        reruns = 1
+        again = harness.run(command, cluster.env(), timeout=400, cwd=REPO)
+        assert again.returncode == 0, first_err[-3000:] + again.stderr[-4000:]
+    return {"out": out, "done_at_kill": done_at_kill, "recovery_s": time.perf_counter() - killed_at,
+            "reruns": reruns, "victim": victim}
+
+
+def test_a_dataset_tokenized_across_hosts_with_one_lost_equals_an_uninterrupted_run(tokenize_host_lost, dataset):
+    out = tokenize_host_lost["out"]
+    assert 1 <= tokenize_host_lost["done_at_kill"] < len(list(SAMPLE.glob("*.jsonl")))
+    assert json.loads((out / "manifest.json").read_text())["finished"] is True
+    assert shard_entries(out) == shard_entries(dataset)  # no document lost, none twice
+    assert [p for p in out.rglob("*") if ".tmp-" in p.name] == []
