@@ -1,6 +1,8 @@
 """`openllama data tokenize`: RedPajama jsonl -> validated, tokenized, packed token shards, on Ray Data.
 
-Work is split into units, one per input file. A Ray Data task reads, validates, tokenizes and packs a whole unit
+Work is split into units: a line-aligned byte range (`redpajama.Span`) of an input file, so that the cores of a
+cluster share a large file, or a whole file when it is small or compressed. A Ray Data task reads, validates,
+tokenizes and packs a whole unit
 (the SentencePiece processor is cached per worker process, so there is no actor pool holding CPUs and no
 per-row hand-off between stages), publishes its shards, and records the unit as done in `units/<unit>.json`:
 that ledger is what makes a killed run restartable without duplicates. The few tokens left over at the end of
@@ -68,11 +70,12 @@ class TokenizeConfig:
     seed: int = 0
     max_doc_bytes: int = redpajama.DEFAULT_MAX_DOC_BYTES  # larger documents are rejected as too_large
     shard_tokens: int = 1 << 26  # tokens per shard at most
+    span_bytes: int = 32 << 20  # an uncompressed input larger than this is cut into units of about this size
     address: str | None = None  # Ray cluster (GCS) address; None: RAY_ADDRESS, else an in-process Ray
     track: bool = True  # log the run to MLflow experiment `data`
 
     def __post_init__(self) -> None:
-        for name in ("seq_len", "max_doc_bytes", "shard_tokens"):
+        for name in ("seq_len", "max_doc_bytes", "shard_tokens", "span_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         if not 0 <= self.val_fraction < 1:
@@ -103,10 +106,11 @@ def is_validation(text: str, val_fraction: float, seed: int) -> bool:
     return int.from_bytes(digest.digest(), "little") < val_fraction * 2**64
 
 
-def unit_id(path: str) -> str:
-    """A stable, filesystem-safe name for the work unit of one input file."""
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.rsplit("/", 1)[-1])[:60]
-    return f"{redpajama.subset_of(path)}-{stem}-{hashlib.sha1(path.encode()).hexdigest()[:10]}"
+def unit_id(span: redpajama.Span) -> str:
+    """A stable, filesystem-safe name for the work unit of one input span (the file's name, and where it starts)."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", span.path.rsplit("/", 1)[-1])[:60]
+    uid = f"{redpajama.subset_of(span.path)}-{stem}-{hashlib.sha1(span.path.encode()).hexdigest()[:10]}"
+    return uid if span.whole else f"{uid}-at{span.start:013d}"
 
 
 def _ledger_entry(root: str, uid: str) -> str:
@@ -115,9 +119,10 @@ def _ledger_entry(root: str, uid: str) -> str:
 
 
 def run_unit(unit: dict, settings: dict, root: str, model_proto: bytes) -> dict:
-    """Read, validate, tokenize and pack one input file; record it as done in units/<id>.json."""
+    """Read, validate, tokenize and pack one input span; record it as done in units/<id>.json."""
     processor = _processor(model_proto)
     path, subset, uid = unit["path"], unit["subset"], unit["unit_id"]
+    span = redpajama.Span(path, unit["start"], unit["end"])
     seq_len = settings["seq_len"]
     shard_rows = max(1, settings["shard_tokens"] // seq_len)
     layout = RowLayout.for_vocabulary(seq_len, processor.get_piece_size())
@@ -143,10 +148,10 @@ def run_unit(unit: dict, settings: dict, root: str, model_proto: bytes) -> dict:
                 writers[split].add(packers[split].add(tokens))
                 batch[split] = []
 
-        for record in redpajama.read_records(path, settings["max_doc_bytes"]):
+        for record in redpajama.read_records(span, settings["max_doc_bytes"]):
             if isinstance(record, redpajama.Rejected):
                 rejected.append({"reason": record.reason, "source": path, "line": record.line,
-                                 "excerpt": record.excerpt})
+                                 "offset": record.offset, "excerpt": record.excerpt})
                 continue
             split = "validation" if is_validation(record.text, settings["val_fraction"], settings["seed"]) else "train"
             batch[split].append(record.text)
@@ -165,7 +170,8 @@ def run_unit(unit: dict, settings: dict, root: str, model_proto: bytes) -> dict:
     for row in rejected:
         reasons[row["reason"]] = reasons.get(row["reason"], 0) + 1
     result = {
-        "unit_id": uid, "source": path, "subset": subset, "settings_sha": settings_sha(settings),
+        "unit_id": uid, "source": path, "start": span.start, "end": span.end, "subset": subset,
+        "settings_sha": settings_sha(settings),
         "shards": writers["train"].written + writers["validation"].written,
         "made_rows": {split: packers[split].made_rows for split in SPLITS},
         "stats": stats, "rejected": reasons,
@@ -189,12 +195,14 @@ def settings_sha(settings: dict) -> str:
 def summarize(units: list[dict], shards: list[dict], dropped: dict) -> dict:
     """Per-subset statistics: documents, tokens, bytes per token, packed rows, rejections by reason."""
     per_subset: dict[str, dict] = {}
+    sources: dict[str, set[str]] = {}
     for unit in units:
         entry = per_subset.setdefault(unit["subset"], {
             "files": 0, "documents": 0, "validation_documents": 0, "tokens": 0, "bytes": 0,
             "rejected": {},
         })
-        entry["files"] += 1
+        sources.setdefault(unit["subset"], set()).add(unit["source"])
+        entry["files"] = len(sources[unit["subset"]])
         entry["documents"] += unit["stats"]["train"]["documents"] + unit["stats"]["validation"]["documents"]
         entry["validation_documents"] += unit["stats"]["validation"]["documents"]
         entry["tokens"] += unit["stats"]["train"]["tokens"] + unit["stats"]["validation"]["tokens"]
@@ -231,7 +239,7 @@ def run_units(units: list[dict], settings: dict, root: str, model_proto: bytes,
         lambda row: {"unit_id": run_unit(row, settings, root, model_proto)["unit_id"]},
         num_cpus=1,
     )
-    with tqdm(total=len(units), desc="tokenize units", unit="file", file=sys.stderr) as progress:
+    with tqdm(total=len(units), desc="tokenize units", unit="unit", file=sys.stderr) as progress:
         for finished, _ in enumerate(done.iter_rows(), start=1):
             progress.update(1)
             if on_unit_done is not None:
@@ -268,7 +276,7 @@ def build_dataset(config: TokenizeConfig, on_unit_done: UnitDone | None = None) 
     settings = {
         "inputs": inputs, "tokenizer_sha256": hashlib.sha256(model_proto).hexdigest(), "seq_len": config.seq_len,
         "val_fraction": config.val_fraction, "seed": config.seed, "max_doc_bytes": config.max_doc_bytes,
-        "shard_tokens": config.shard_tokens, "format": FORMAT,
+        "shard_tokens": config.shard_tokens, "span_bytes": config.span_bytes, "format": FORMAT,
     }
     manifest_path = f"{root}/manifest.json"
     try:
@@ -301,15 +309,19 @@ def build_dataset(config: TokenizeConfig, on_unit_done: UnitDone | None = None) 
         raise commands.BadInput(f"--out {config.out} cannot be written: {error.strerror or error}") from None
     remove_crashed_writes(root)
 
-    units = [{"unit_id": unit_id(p), "path": p, "subset": redpajama.subset_of(p)} for p in inputs]
+    spans = [span for path in inputs for span in redpajama.spans_of(path, config.span_bytes)]
+    units = [{"unit_id": unit_id(s), "path": s.path, "start": s.start, "end": s.end,
+              "subset": redpajama.subset_of(s.path)} for s in spans]
     sha = settings_sha(settings)
     pending = [u for u in units
                if (_read_json_if_present(_ledger_entry(root, u["unit_id"])) or {}).get("settings_sha") != sha]
-    log.info("%d input files, %d already done, %d to tokenize", len(units), len(units) - len(pending), len(pending))
+    log.info("%d input files in %d units, %d already done, %d to tokenize", len(inputs), len(units),
+             len(units) - len(pending), len(pending))
     started = time.perf_counter()
     if pending:
         ray_jobs.connect(config.address, log_to_driver=False, configure_logging=False)
         run_units(pending, settings, root, model_proto, on_unit_done)
+        remove_crashed_writes(root)  # what tasks on a lost node left before Ray ran them again elsewhere
     results = [files.read_json(_ledger_entry(root, u["unit_id"])) for u in units]
     tail_shards, dropped = pack_tails(root, results, layout, processor.bos_id())
     shards = [s for r in results for s in r["shards"]] + tail_shards
@@ -327,12 +339,13 @@ def tokenize_dataset(inputs: list[str], tokenizer: str | Path, out_dir: str | Pa
                      val_fraction: float = DEFAULT_VAL_FRACTION, seed: int = 0,
                      max_doc_bytes: int = redpajama.DEFAULT_MAX_DOC_BYTES,
                      shard_tokens: int = DEFAULT_SHARD_TOKENS, address: str | None = None,
-                     track: bool = True, on_unit_done: UnitDone | None = None) -> dict:
+                     track: bool = True, on_unit_done: UnitDone | None = None,
+                     span_bytes: int = TokenizeConfig.span_bytes) -> dict:
     """`build_dataset` with the settings as arguments, for callers that have no TokenizeConfig."""
     settings = TokenizeConfig(
         inputs=[str(i) for i in inputs], tokenizer=str(tokenizer), out=str(out_dir), seq_len=seq_len,
         val_fraction=val_fraction, seed=seed, max_doc_bytes=max_doc_bytes, shard_tokens=shard_tokens,
-        address=address, track=track,
+        span_bytes=span_bytes, address=address, track=track,
     )
     return build_dataset(settings, on_unit_done)
 
@@ -377,6 +390,9 @@ def parser() -> argparse.ArgumentParser:
     tok.add_argument("--max-doc-bytes", type=int,
                      help=f"documents larger than this are rejected as too_large (default: {defaults.max_doc_bytes})")
     tok.add_argument("--shard-tokens", type=int, help=f"tokens per shard at most (default: {defaults.shard_tokens})")
+    tok.add_argument("--span-bytes", type=int,
+                     help="uncompressed inputs larger than this are cut into line-aligned byte ranges of about "
+                          f"this size, tokenized in parallel (default: {defaults.span_bytes})")
     tok.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an in-process Ray)")
     tok.add_argument("--no-track", dest="track", action="store_false", default=None,
                      help="do not log the run to MLflow (default: log it)")
@@ -388,10 +404,19 @@ def parser() -> argparse.ArgumentParser:
     convert.add_argument("source", nargs="?", metavar="OLD_DIR", help=f"the {FORMAT_V1} dataset (local or URI)")
     convert.add_argument("--out", help="the new dataset directory, local or URI (required)")
     add_config_arguments(convert)
+    # listed for `openllama data --help`; `main` hands `dedup ...` to its own parser before this one runs
+    verbs.add_parser("dedup", add_help=False,
+                     help="deduplicate (exact and MinHash), filter and decontaminate a RedPajama corpus "
+                          "(`openllama data dedup --help`)")
     return top
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["dedup"]:
+        # dedup has its own parser and config (openllama.data.dedup); imported only when it is the verb
+        from openllama.data import dedup
+
+        return dedup.main(argv[1:])
     args = parser().parse_args(argv)
     if args.command == "convert":
         return commands.run("openllama data convert", lambda: convert_dataset(from_arguments(ConvertConfig, args)))

@@ -14,7 +14,7 @@ from openllama.commands import EXIT_CODES
 # name -> (module:function taking argv and returning an exit code, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("openllama.data.tokenizer:main", "train a LLaMA-style SentencePiece tokenizer (tokenizer train)"),
-    "data": ("openllama.data.tokenize:main", "tokenize and pack RedPajama into shards (data tokenize, data convert)"),
+    "data": ("openllama.data.tokenize:main", "dedup, tokenize and pack RedPajama (data dedup, tokenize, convert)"),
     "train": ("openllama.train.launch:main", "pretrain LLaMA under Ray Train's JaxTrainer from a YAML config"),
     "plan": ("openllama.train.plan:main", "compile a config's train step for its TPU slice: HBM, FLOPs, traffic"),
     "eval": ("openllama.eval.run:main", "evaluate a checkpoint with lm-evaluation-harness tasks"),

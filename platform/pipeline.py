@@ -1,6 +1,10 @@
 """`openllama pipeline` (what `make demo` runs): every stage, as Ray jobs, on a local Ray head and MLflow.
 
-    tokenizer -> data -> train -> eval -> export -> generate
+    dedup -> tokenizer -> data -> train -> eval -> export -> generate
+
+`dedup` (openllama data dedup) filters, decontaminates and deduplicates the corpus; the tokenizer and data
+stages read its output (OUT/dedup, a RedPajama corpus) instead of the raw corpus; the data run is tagged
+with what it kept (`dedup_kept`).
 
 Each stage is one `openllama ...` command submitted with `ray job submit`, so it runs exactly as a user
 would run it on a cluster. A stage is skipped when a ledger (OUT/ledger/STAGE.json) says it already
@@ -9,7 +13,9 @@ key changed starts from clean outputs; one that crashed with the same key is res
 
 Lineage: after the stages ran, the pipeline ties their MLflow runs together with tags (see docs/platform.md):
 data run (tokenizer and manifest as artifacts, their hashes) <- train run (dataset/tokenizer hashes, git
-commit, preset, data run id) <- eval run (training run id and checkpoint step, set by `openllama eval`).
+commit, preset, data run id) <- eval run (training run id and checkpoint step, set by `openllama eval`; the
+registered model version it evaluated). The export stage registers the final model in MLflow's model
+registry under the run's name (`export-hf --register`), so training itself does not export it a second time.
 """
 
 from __future__ import annotations
@@ -169,9 +175,14 @@ class Runner:
 
 
 def facts_from_output(output: str) -> dict[str, str]:
-    """What a stage printed that later stages need: `openllama eval` prints its MLflow run id."""
-    match = re.search(r"MLflow run (\w+) in experiment", output)
-    return {"mlflow_run_id": match.group(1)} if match else {}
+    """What a stage printed that later stages need: `openllama eval` prints its MLflow run id, `export-hf
+    --register` the model version it registered."""
+    facts = {}
+    if match := re.search(r"MLflow run (\w+) in experiment", output):
+        facts["mlflow_run_id"] = match.group(1)
+    if match := re.search(r"registered models:/(\S+)/(\d+) ", output):
+        facts["model_name"], facts["model_version"] = match.groups()
+    return facts
 
 
 def dataset_hash(dataset: Path) -> str:
@@ -184,9 +195,10 @@ def dataset_hash(dataset: Path) -> str:
 def build_stages(out: Path, corpus: Path, train_config: str, train_overrides: list[str],
                  eval_limit: int | None, sample_docs: int, max_new_tokens: int) -> list[Stage]:
     tokenizer_dir, dataset, eval_dir, hf_dir = out / "tokenizer", out / "dataset", out / "eval", out / "hf"
+    deduplicated = out / "dedup"
     overrides = [f"name={RUN_NAME}", f"output_dir={out / 'train'}", f"data.path={dataset}",
                  f"data.tokenizer={tokenizer_dir / 'tokenizer.model'}", "data.build_from=null",
-                 "scaling.num_workers=2", *train_overrides]
+                 "scaling.num_workers=2", "tracking.register_model=false", *train_overrides]  # export registers
     config = load_config(train_config, overrides)  # fails here, before any job, on a bad setting
     if Path(train_config).is_file():  # jobs run in an uploaded copy of the repo: name the file inside it
         path = Path(train_config).absolute()
@@ -201,16 +213,18 @@ def build_stages(out: Path, corpus: Path, train_config: str, train_overrides: li
     model = tokenizer_dir / "tokenizer.model"
     vocab_size = config.llama().vocab_size
     return [
-        Stage("tokenizer", ["openllama", "tokenizer", "train", str(corpus), "--out", str(tokenizer_dir),
+        Stage("dedup", ["openllama", "data", "dedup", str(corpus), "--out", str(deduplicated)],
+              inputs=[corpus], outputs=[deduplicated]),
+        Stage("tokenizer", ["openllama", "tokenizer", "train", str(deduplicated), "--out", str(tokenizer_dir),
                             "--vocab-size", str(vocab_size), "--sample-docs", str(sample_docs)],
-              inputs=[corpus], outputs=[tokenizer_dir]),
-        Stage("data", ["openllama", "data", "tokenize", str(corpus), "--tokenizer", str(model),
+              inputs=[deduplicated], outputs=[tokenizer_dir]),
+        Stage("data", ["openllama", "data", "tokenize", str(deduplicated), "--tokenizer", str(model),
                        "--out", str(dataset), "--seq-len", str(config.train.seq_len)],
-              inputs=[corpus, model], outputs=[dataset], facts={"corpus": str(corpus)}),
+              inputs=[deduplicated, model], outputs=[dataset], facts={"corpus": str(corpus)}),
         Stage("train", ["openllama", "train", train_config, *overrides], inputs=[dataset, model],
               outputs=[run_dir], facts={"preset": config.model.preset, "config": train_config}),
         Stage("eval", eval_command, inputs=[run_dir / "checkpoints"], outputs=[eval_dir / "results.json"]),
-        Stage("export", ["openllama", "export-hf", str(run_dir), str(hf_dir)],
+        Stage("export", ["openllama", "export-hf", str(run_dir), str(hf_dir), "--register", RUN_NAME],
               inputs=[run_dir / "checkpoints"], outputs=[hf_dir]),
         Stage("generate", generate, inputs=[run_dir / "checkpoints"], outputs=[generated]),
     ]
@@ -232,6 +246,8 @@ def record_lineage(client: Any, out: Path, ledgers: dict[str, dict], commit: str
         for key, value in hashes.items():
             client.set_tag(runs["data"], key, value)
         client.set_tag(runs["data"], "corpus", ledgers["data"]["corpus"])
+        dedup_total = json.loads((out / "dedup" / "stats.json").read_text())["total"]
+        client.set_tag(runs["data"], "dedup_kept", f"{dedup_total['kept']} of {dedup_total['documents']} documents")
         artifacts = client.list_artifacts(runs["data"], "tokenizer")
         if not artifacts:
             client.log_artifact(runs["data"], str(tokenizer), "tokenizer")
@@ -251,6 +267,9 @@ def record_lineage(client: Any, out: Path, ledgers: dict[str, dict], commit: str
     if ledgers["eval"].get("mlflow_run_id"):
         runs["eval"] = ledgers["eval"]["mlflow_run_id"]  # `openllama eval` tags training run and step itself
         client.set_tag(runs["eval"], "git_commit", commit)
+        if ledgers["export"].get("model_version"):  # the same newest checkpoint of the run, registered
+            client.set_tag(runs["eval"], "model_name", ledgers["export"]["model_name"])
+            client.set_tag(runs["eval"], "model_version", ledgers["export"]["model_version"])
     return runs
 
 

@@ -17,7 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample" / "redpajama"
-STAGES = ["tokenizer", "data", "train", "eval", "export", "generate"]
+STAGES = ["dedup", "tokenizer", "data", "train", "eval", "export", "generate"]
 DOCS_PER_SUBSET = 12
 
 
@@ -112,6 +112,13 @@ def test_eval_run_names_the_training_run_and_checkpoint_step(lineage, client):
     tags = client.get_run(lineage["eval"]).data.tags
     assert tags["training_run_id"] == lineage["train"]
     assert tags["checkpoint_step"] == "8"
+
+
+def test_eval_run_names_the_model_version_the_export_registered_from_the_training_run(lineage, client):
+    tags = client.get_run(lineage["eval"]).data.tags
+    version = client.get_model_version(tags["model_name"], tags["model_version"])
+    assert tags["model_name"] == "pipeline-tiny"
+    assert version.run_id == lineage["train"] and version.tags["checkpoint_step"] == tags["checkpoint_step"]
 
 
 def test_export_loads_in_transformers(demo):

@@ -106,6 +106,9 @@ class TrackingSection:
     experiment: str = "openllama-train"
     uri: str | None = None  # default: MLFLOW_TRACKING_URI, else ./mlruns.db
     system_metrics_every_s: float = 10.0  # CPU, memory, disk, network, GPU sampled into MLflow; 0 = off
+    # after a success with MLFLOW_TRACKING_URI (or uri) set: the final checkpoint as the next version of model
+    # <name> in MLflow's registry, linked to this run (an export and a transformers load: seconds to minutes)
+    register_model: bool = True
 
 
 @dataclass

@@ -13,16 +13,19 @@ import dataclasses
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-from openllama import commands, ray_jobs, tracking
+from openllama import commands, files, ray_jobs, tracking
 from openllama.config import build, redact_tree, to_dict
 from openllama.data import tokenize, tokenizer
 from openllama.data.shards import DatasetNotFinished, PackedDataset
 from openllama.train.checkpoint import MODEL_JSON, TOKENIZER, RunDir
 from openllama.train.config import TrainConfig, load_config, validate
+from openllama.train.convert import registry
+from openllama.train.convert.hf import write_hf
 from openllama.train.trainer import Hook, Trainer, check_start, open_datasets, tokenizer_path
 
 log = logging.getLogger("openllama.train")
@@ -107,13 +110,13 @@ def ensure_dataset(config: TrainConfig) -> None:
     except (FileNotFoundError, DatasetNotFinished):
         if not config.data.build_from:
             raise
-    out = Path(config.data.path)
+    out = config.data.path.rstrip("/")
     log.info("building %s from %s (data.build_from)", out, config.data.build_from)
-    model = Path(config.data.tokenizer) if config.data.tokenizer else None
-    if model is None or not model.is_file():
-        model = tokenizer.train_tokenizer([config.data.build_from], out.parent / f"{out.name}-tokenizer",
+    model = config.data.tokenizer
+    if model is None or not files.is_file(model):
+        model = tokenizer.train_tokenizer([config.data.build_from], f"{out}-tokenizer",
                                           vocab_size=config.llama().vocab_size)
-    tokenize.tokenize_dataset([config.data.build_from], str(model), str(out), seq_len=config.train.seq_len)
+    tokenize.tokenize_dataset([config.data.build_from], model, out, seq_len=config.train.seq_len)
 
 
 def open_tracking_run(config: TrainConfig) -> str | None:
@@ -140,15 +143,16 @@ def open_tracking_run(config: TrainConfig) -> str | None:
 
 
 def finish_tracking_run(config: TrainConfig, run_id: str | None, succeeded: bool) -> None:
-    """The run's config, its final checkpoint's location, model config and tokenizer, and its status."""
+    """The run's config, its final checkpoint's location, model config and tokenizer, and its status; then,
+    after a success with a tracking server set (tracking.register_model), the final model in the registry."""
     if run_id is None:
         return
+    latest = RunDir(config.run_dir).latest()
     try:
         client = tracking.client()
         config_file = config.run_dir / "train_config.json"
         config_file.write_text(json.dumps(redact_tree(to_dict(config)), indent=2))
         client.log_artifact(run_id, str(config_file), "config")
-        latest = RunDir(config.run_dir).latest()
         if succeeded and latest:
             checkpoint = latest[1]
             client.set_tag(run_id, "checkpoint", str(checkpoint))
@@ -158,6 +162,27 @@ def finish_tracking_run(config: TrainConfig, run_id: str | None, succeeded: bool
         client.set_terminated(run_id, "FINISHED" if succeeded else "FAILED")
     except Exception as error:
         log.warning("MLflow: could not record the end of run %s (%s)", run_id, error)
+        return  # a server that is down: not waited for a second time by a registration
+    if succeeded and latest and config.tracking.register_model and os.environ.get(registry.TRACKING_URI):
+        register_final_model(config, run_id, latest[1])
+
+
+def register_final_model(config: TrainConfig, run_id: str, checkpoint: Path) -> registry.ModelVersion | None:
+    """`checkpoint` as the next version of model `config.name` in MLflow's registry, linked to run `run_id`.
+
+    Exported to a temporary folder in the run directory and registered from there. A failure is one logged
+    line, never an error: the checkpoint is the training's result, and `export-hf --register` registers it later.
+    """
+    try:
+        with tempfile.TemporaryDirectory(prefix=".register-", dir=config.run_dir) as folder:
+            write_hf(checkpoint, Path(folder))
+            version = registry.register_export(folder, config.name, run_id, checkpoint)
+    except Exception as error:
+        log.error("the final model of %s is not registered (%s); register it with `openllama export-hf %s OUT "
+                  "--register`", config.name, registry.one_line(error), config.run_dir)
+        return None
+    log.info("registered %s (MLflow run %s)", version.uri, run_id)
+    return version
 
 
 def absolute_paths(config: TrainConfig) -> TrainConfig:

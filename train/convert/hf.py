@@ -29,6 +29,7 @@ from openllama.commands import BadInput
 from openllama.config import ConfigError, run_command
 from openllama.data.tokenizer import load_for_model, write_tokenizer
 from openllama.train import checkpoint
+from openllama.train.convert import registry
 from openllama.train.convert.tree import (
     ConversionError,
     check_params,
@@ -180,6 +181,21 @@ def export_hf(
     `dtype` (float32/bfloat16/float16) defaults to the checkpoint's parameter dtype, so an imported
     model exports bit-exactly. `tokenizer` overrides the checkpoint's tokenizer.model.
     """
+    out_dir = Path(out_dir).absolute()
+    with files.new_directory(out_dir) as tmp:
+        write_hf(ckpt, tmp, dtype, max_shard_bytes, tokenizer)
+    return out_dir
+
+
+def write_hf(
+    ckpt: str | Path,
+    folder: Path,
+    dtype: str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    tokenizer: str | Path | None = None,
+) -> None:
+    """`export_hf`'s files, written into the existing empty `folder`: for a caller that does more with the
+    folder (registers it) before publishing it, or throws it away after."""
     config, params, ckpt_tokenizer = checkpoint.load_model(ckpt)
     tokenizer = tokenizer or ckpt_tokenizer
     check_params(params, config, str(ckpt))
@@ -192,15 +208,12 @@ def export_hf(
     for path, name, transposed in tensor_names(config):
         array = np.asarray(get_path(params, path)).astype(DTYPES[dtype])
         tensors[name] = np.ascontiguousarray(array.T if transposed else array)
-    out_dir = Path(out_dir).absolute()
-    with files.new_directory(out_dir) as tmp:
-        write_safetensors(tensors, tmp, max_shard_bytes)
-        (tmp / "config.json").write_text(json.dumps(hf_config_dict(config, dtype), indent=2))
-        generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "do_sample": False}
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
-        if tokenizer is not None:
-            write_tokenizer(tokenizer, tmp, config.max_position_embeddings)
-    return out_dir
+    write_safetensors(tensors, folder, max_shard_bytes)
+    (folder / "config.json").write_text(json.dumps(hf_config_dict(config, dtype), indent=2))
+    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "do_sample": False}
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    if tokenizer is not None:
+        write_tokenizer(tokenizer, folder, config.max_position_embeddings)
 
 
 # --- import ------------------------------------------------------------------------------------
@@ -283,6 +296,9 @@ class ExportHfConfig:
     dtype: str | None = None  # tensor dtype, one of float32/bfloat16/float16 (None: the checkpoint's)
     max_shard_size: str = "5GB"  # safetensors files past this size are sharded (e.g. 2GB, 500MiB)
     tokenizer: str | None = None  # tokenizer.model to ship (None: the checkpoint's)
+    # also register the export in MLflow's model registry as the next version of this name, linked to the
+    # training run ("": the run's name; None: do not register); needs MLFLOW_TRACKING_URI
+    register: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -318,11 +334,24 @@ def export_main(argv: list[str]) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="tensor dtype (default: the checkpoint's)")
     parser.add_argument("--max-shard-size", help="shard past this size (default 5GB)")
     parser.add_argument("--tokenizer", help="tokenizer.model to ship (default: the checkpoint's)")
+    parser.add_argument("--register", nargs="?", const="", metavar="NAME",
+                        help="also register the export in MLflow's model registry as the next version of NAME "
+                             "(default: the training run's name), linked to the training run; needs "
+                             "MLFLOW_TRACKING_URI. Put it after OUT_DIR")
 
     def work(config: ExportHfConfig) -> None:
-        out = export_hf(config.checkpoint, config.out_dir, config.dtype, size_in_bytes(config.max_shard_size),
-                        config.tokenizer)
+        shard_bytes = size_in_bytes(config.max_shard_size)
+        if config.register is None:
+            print(f"wrote {export_hf(config.checkpoint, config.out_dir, config.dtype, shard_bytes, config.tokenizer)}")
+            return
+        ckpt, run, run_id = registry.training_run(config.checkpoint)  # before any work: URI, run, server
+        out = Path(config.out_dir).absolute()
+        with files.new_directory(out) as tmp:  # registered before it is published: a failure leaves no OUT_DIR
+            write_hf(ckpt, tmp, config.dtype, shard_bytes, config.tokenizer)
+            version = registry.register_export(tmp, config.register or run.path.name, run_id, ckpt)
         print(f"wrote {out}")
+        print(f"registered {version.uri} (MLflow run {run_id}); load it with "
+              f"mlflow.transformers.load_model({version.uri!r})")
 
     return run_command(parser, ExportHfConfig, argv, work)
 

@@ -1,0 +1,254 @@
+"""`openllama data dedup`: exact and near-duplicates across subsets, filters, decontamination, restart, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from openllama.data import dedup, minhash, redpajama
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "redpajama"
+BOOLQ_PASSAGE = json.loads((dedup.task_pack() / "data" / "boolq.jsonl").read_text().splitlines()[0])["passage"]
+
+
+def sample_texts(name: str, n: int, size: int = 1500) -> list[str]:
+    """n distinct documents of about `size` characters cut from a shipped sample file."""
+    text = "\n".join(json.loads(line)["text"] for line in open(SAMPLE / name, encoding="utf-8"))
+    return [text[i * size : (i + 1) * size] for i in range(n)]
+
+
+def edit_words(text: str, every: int) -> str:
+    """`text` with every `every`-th word replaced: a near-duplicate whose similarity falls as `every` does."""
+    words = text.split(" ")
+    return " ".join(f"zq{i}x" if i % every == every - 1 else w for i, w in enumerate(words))
+
+
+def write_jsonl(path: Path, texts: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": t, "meta": {"n": i}}) + "\n" for i, t in enumerate(texts)))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    """c4 (full layout) and wikipedia (sample layout) files with planted copies, a short and a contaminated doc.
+
+    wiki[0] is in c4 again with its case and spacing changed (exact, across subsets); wiki[1] has a near copy in
+    a second wikipedia file (fuzzy, across files and layouts); c4[2] has a far-edited version (kept); c4[3] is in
+    c4 again three times (a cluster); one c4 document quotes a boolq passage.
+    """
+    root = tmp_path_factory.mktemp("corpus")
+    c4, wiki = sample_texts("c4_sample.jsonl", 8), sample_texts("wikipedia_sample.jsonl", 6)
+    planted = {
+        "exact": "  ".join(wiki[0].upper().split(" ")),
+        "near": edit_words(wiki[1], 100),
+        "far": edit_words(c4[2], 3),
+        "contaminated": c4[5][:600] + " " + BOOLQ_PASSAGE + " " + c4[6][:600],
+    }
+    write_jsonl(root / "rp/c4/c4-train.00000-of-01024.jsonl",
+                [*c4[:5], planted["exact"], planted["far"], c4[3], "too short", planted["contaminated"]])
+    write_jsonl(root / "rp/c4/c4-train.00001-of-01024.jsonl", [c4[7], c4[3], edit_words(c4[3], 80)])
+    write_jsonl(root / "sample/wikipedia_sample.jsonl", wiki)
+    write_jsonl(root / "rp/wikipedia/wiki.jsonl", [planted["near"]])
+    return {"root": root, "inputs": [str(root / "rp"), str(root / "sample")], "c4": c4, "wiki": wiki, **planted}
+
+
+def run(inputs: list[str], out: Path, on_progress: dedup.Progress | None = None, **settings) -> dict:
+    options = {"track": False, "partitions": 4, "concurrency": 2, **settings}
+    return dedup.run_dedup(dedup.DedupConfig(inputs=inputs, out=str(out), **options), on_progress)
+
+
+@pytest.fixture(scope="module")
+def result(corpus, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("dedup")
+    return out, run(corpus["inputs"], out)
+
+
+def kept_texts(out: Path) -> dict[str, list[str]]:
+    """The output corpus read back as `data tokenize` reads it: {subset: texts}."""
+    texts: dict[str, list[str]] = {}
+    for path in redpajama.expand_inputs([str(out)]):
+        texts.setdefault(redpajama.subset_of(path), []).extend(
+            r.text for r in redpajama.read_records(path) if isinstance(r, redpajama.Document))
+    return texts
+
+
+def duplicates(out: Path) -> list[dict]:
+    return sorted(pq.read_table(out / "duplicates").to_pylist(), key=lambda r: r["id"])
+
+
+def output_bytes(out: Path) -> dict[str, bytes]:
+    """Every published file but the timing in stats.json and the manifest that holds it."""
+    found = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    return {k: v for k, v in found.items() if k not in ("stats.json", "dedup.json")}
+
+
+def test_the_output_is_a_redpajama_corpus_with_the_subsets_of_its_inputs(corpus, result):
+    out, _ = result
+    assert sorted(kept_texts(out)) == ["c4", "wikipedia"]
+    assert {p.rsplit("/", 1)[-1] for p in redpajama.expand_inputs([str(out)])} == {
+        "c4-train.00000-of-01024.jsonl", "c4-train.00001-of-01024.jsonl", "wikipedia_sample.jsonl", "wiki.jsonl"}
+
+
+def test_exact_copies_across_subsets_keep_the_first_by_subset_file_and_line(corpus, result):
+    out, _ = result
+    [row] = [r for r in duplicates(out) if r["stage"] == "exact" and r["subset"] == "wikipedia"]
+    assert row["source"].endswith("wikipedia_sample.jsonl") and row["line"] == 1
+    assert row["kept_source"].endswith("c4-train.00000-of-01024.jsonl") and row["kept_line"] == 6
+    assert row["kept_id"] == "c4/c4-train.00000-of-01024.jsonl:6"
+    assert corpus["exact"] in kept_texts(out)["c4"] and corpus["wiki"][0] not in kept_texts(out)["wikipedia"]
+
+
+def test_a_near_copy_in_another_file_is_removed_as_fuzzy(corpus, result):
+    out, _ = result
+    [row] = [r for r in duplicates(out) if r["stage"] == "fuzzy" and r["subset"] == "wikipedia"]
+    assert row["source"].endswith("wikipedia_sample.jsonl") and row["line"] == 2
+    assert row["kept_source"].endswith("rp/wikipedia/wiki.jsonl") and row["kept_line"] == 1  # rp/ sorts first
+    assert corpus["near"] in kept_texts(out)["wikipedia"] and corpus["wiki"][1] not in kept_texts(out)["wikipedia"]
+
+
+def test_a_cluster_keeps_one_document_and_a_far_edit_is_kept(corpus, result):
+    out, _ = result
+    cluster = [r for r in duplicates(out) if r["kept_id"] == "c4/c4-train.00000-of-01024.jsonl:4"]
+    assert sorted((r["source"].rsplit("/", 1)[-1], r["line"], r["stage"]) for r in cluster) == [
+        ("c4-train.00000-of-01024.jsonl", 8, "exact"), ("c4-train.00001-of-01024.jsonl", 2, "exact"),
+        ("c4-train.00001-of-01024.jsonl", 3, "fuzzy")]
+    assert corpus["far"] in kept_texts(out)["c4"] and corpus["c4"][2] in kept_texts(out)["c4"]
+
+
+def test_counts_per_subset_add_up(corpus, result):
+    stats = result[1]["stats"]
+    assert stats["subsets"]["c4"] | {"rejected": None} == {
+        "files": 2, "documents": 13, "kept": 8, "kept_bytes": stats["subsets"]["c4"]["kept_bytes"], "exact": 2,
+        "fuzzy": 1, "rejected": None}
+    assert stats["subsets"]["c4"]["rejected"] == {"short": 1, "contaminated": 1}
+    assert stats["subsets"]["wikipedia"] | {"kept_bytes": 0} == {
+        "files": 2, "documents": 7, "kept": 5, "kept_bytes": 0, "exact": 1, "fuzzy": 1, "rejected": {}}
+
+
+def test_a_document_quoting_an_eval_item_is_rejected_and_counted_per_task(corpus, result):
+    out, manifest = result
+    rejected = pq.read_table(out / "rejected").to_pylist()
+    assert {(r["reason"], r["line"], r["detail"]) for r in rejected} == {("short", 9, ""),
+                                                                        ("contaminated", 10, "local_boolq")}
+    tasks = manifest["stats"]["decontamination"]
+    assert tasks["local_boolq"]["documents_removed"] == 1 and tasks["local_arc"]["documents_removed"] == 0
+    assert tasks["local_arithmetic"] == {"items": 12, "unchecked_items": 12, "documents_removed": 0}
+
+
+def test_the_result_does_not_depend_on_input_order_partitions_or_concurrency(corpus, result, tmp_path):
+    reordered = [str(corpus["root"] / "sample/wikipedia_sample.jsonl"), str(corpus["root"] / "rp/wikipedia"),
+                 str(corpus["root"] / "rp/c4")]
+    run(reordered, tmp_path, partitions=1, concurrency=1)
+    assert output_bytes(tmp_path) == output_bytes(result[0])
+
+
+def test_a_run_killed_midway_resumes_with_nothing_lost_or_doubled(corpus, result, tmp_path):
+    def stop_in_the_match_stage(stage: str, finished: int, to_run: int) -> None:
+        if stage == "match" and finished == 2:
+            raise RuntimeError(f"stopping after {finished} of {to_run} partitions, as if the run had crashed")
+
+    with pytest.raises(RuntimeError, match="crashed"):
+        run(corpus["inputs"], tmp_path, on_progress=stop_in_the_match_stage)
+    assert json.loads((tmp_path / "dedup.json").read_text())["finished"] is False
+    resumed: list[tuple[str, int]] = []
+    manifest = run(corpus["inputs"], tmp_path, on_progress=lambda stage, n, total: resumed.append((stage, total)))
+    assert ("scan", 4) not in resumed and ("match", 4) not in resumed  # finished work is not redone
+    assert output_bytes(tmp_path) == output_bytes(result[0])
+    assert manifest["stats"]["total"] == result[1]["stats"]["total"]
+
+
+def test_a_finished_run_is_reused_and_other_settings_are_refused(corpus, result):
+    assert run(corpus["inputs"], result[0]) == result[1]
+    with pytest.raises(ValueError, match="threshold"):
+        run(corpus["inputs"], result[0], threshold=0.9)
+
+
+@pytest.mark.parametrize("name, text", [
+    ("gopher_word_count", "word " * 40),
+    ("gopher_mean_word_length", "a b c de " * 20 + "the and"),
+    ("gopher_symbol_ratio", "the and # tag " * 20),
+    ("gopher_bullet_lines", "\n".join(f"- the and item number {i} of the list" for i in range(20))),
+    ("gopher_ellipsis_lines", "\n".join(f"the and then line {i} went on..." for i in range(20))),
+    ("gopher_alpha_words", "the and " + "12 34 56 78 90 " * 20),
+    ("gopher_stop_words", "quick brown foxes jump over lazy dogs " * 10),
+    ("gopher_duplicate_lines", "\n".join(["the and same line here again"] * 10 + [f"the and {i}" for i in range(5)])),
+    ("gopher_top_ngram", " ".join(["the cat"] * 40) + " with and of to " + " ".join(f"w{i}" for i in range(30))),
+    ("c4_lorem_ipsum", "Lorem ipsum dolor sit amet, the and"),
+    ("c4_curly_brace", "function the and() { return 1 }"),
+])
+def test_each_quality_filter_rejects_with_its_own_reason(name, text):
+    assert dedup.quality_reason(text, [name]) == name
+    good = " ".join(json.loads(open(SAMPLE / "wikipedia_sample.jsonl").readline())["text"].split()[:300])
+    assert dedup.quality_reason(good, dedup.DedupConfig([], "x", filters=["gopher", "c4"]).filter_names()) is None
+
+
+def test_the_short_filter_is_the_only_one_on_by_default():
+    config = dedup.DedupConfig([], "x")
+    assert config.filter_names() == ["short"]
+    assert dedup.quality_reason("x" * 199, config.filter_names()) == "short"
+    assert dedup.quality_reason("x" * 200, config.filter_names()) is None
+
+
+def test_exact_normalization_is_nfc_whitespace_and_case_folding():
+    assert dedup.exact_key("Caf\u00e9  STRASSE\n") == dedup.exact_key("cafe\u0301 straße")
+    assert dedup.exact_key("a b") != dedup.exact_key("ab")
+
+
+def test_every_local_task_gives_items_to_decontaminate_against():
+    items = dedup.eval_items([dedup.LOCAL_PACK], dedup.task_pack())
+    assert set(items) == set(dedup.LOCAL_TASK_FIELDS)
+    assert items["local_boolq"][0].startswith(BOOLQ_PASSAGE)
+    assert all(len(texts) >= 10 for texts in items.values())
+
+
+def test_the_default_preset_meets_its_targets_and_slimpajama_is_available():
+    table = {row["jaccard"]: row for row in minhash.s_curve_table(minhash.PRESETS["default"], 0.8)}
+    assert table[0.85]["p_removed"] >= 0.95 and table[0.7]["p_removed"] <= 0.01
+    assert minhash.PRESETS["slimpajama"] == minhash.LshPreset(num_perm=128, bands=9, rows=13)
+
+
+def test_estimated_jaccard_tracks_the_true_jaccard_of_13_grams():
+    text = minhash.fuzzy_normalize(sample_texts("wikipedia_sample.jsonl", 1, 4000)[0])
+    other = minhash.fuzzy_normalize(edit_words(sample_texts("wikipedia_sample.jsonl", 1, 4000)[0], 12))
+    grams = [{t[i : i + 13] for i in range(len(t) - 12)} for t in (text, other)]
+    true = len(grams[0] & grams[1]) / len(grams[0] | grams[1])
+    a, b = minhash.permutations(250, 0)
+    estimate = minhash.estimated_jaccard(*(minhash.signature(minhash.ngram_hashes(t), a, b) for t in (text, other)))
+    assert abs(float(estimate) - true) < 0.08
+
+
+def test_components_give_each_node_the_smallest_id_of_its_cluster():
+    nodes, cluster = dedup.components(np.array([[5, 9], [9, 2], [7, 8], [2, 30]], dtype=np.int64))
+    assert dict(zip(nodes.tolist(), cluster.tolist(), strict=True)) == {2: 2, 5: 2, 9: 2, 30: 2, 7: 7, 8: 7}
+
+
+def test_the_command_line_writes_the_corpus_and_logs_to_mlflow(corpus, tmp_path, monkeypatch, capsys):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    code = dedup.main([*corpus["inputs"], "--out", str(tmp_path / "out"), "--partitions", "2", "--preset",
+                       "default"])
+    assert code == 0 and "kept 13 of 20 documents" in capsys.readouterr().out
+    client = MlflowClient(uri)
+    [run_] = client.search_runs([client.get_experiment_by_name("data").experiment_id])
+    assert run_.data.params["stage"] == "dedup" and run_.data.metrics["total_exact"] == 3
+    assert run_.data.metrics["contaminated_local_boolq"] == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["/no/such/corpus", "--out", "OUT"], "does not exist"),
+    (["CORPUS", "--out", "OUT", "--filter", "gopher_nonsense"], "unknown filter 'gopher_nonsense'"),
+    (["CORPUS", "--out", "OUT", "--threshold", "1.5"], "threshold=1.5"),
+    (["CORPUS", "--out", "OUT", "--decontaminate", "no_such_lm_eval_task"], "no_such_lm_eval_task"),
+    (["CORPUS"], "missing required field out"),
+])
+def test_bad_input_exits_2_with_one_line(corpus, tmp_path, capsys, argv, message):
+    argv = [a.replace("CORPUS", corpus["inputs"][0]).replace("OUT", str(tmp_path / "out")) for a in argv]
+    assert dedup.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and err.startswith("openllama data dedup: ")
