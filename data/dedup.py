@@ -622,7 +622,7 @@ def _run_tasks(stage: str, items: list[Any], task: Callable[[Any], dict], concur
     context = ray.data.DataContext.get_current()
     saved = context.enable_progress_bars, context.op_resource_reservation_enabled
     context.enable_progress_bars = context.op_resource_reservation_enabled = False
-    try:  # a dataset copies the current DataContext when it is made (see data/tokenize.py's run_units)
+    try:  # a dataset copies the current DataContext when it is made (see data/tokenize.py's run_tasks)
         dataset = ray.data.from_items([{"item": i} for i in items], override_num_blocks=len(items))
     finally:
         context.enable_progress_bars, context.op_resource_reservation_enabled = saved

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
@@ -84,6 +84,65 @@ def spans_of(path: str, span_bytes: int) -> list[Span]:
     count = -(-size // span_bytes)
     edges = [size * i // count for i in range(count + 1)]
     return [Span(path, start, end if end < size else None) for start, end in zip(edges, edges[1:], strict=False)]
+
+
+ZSTD_RATIO = 4  # about how much zstd shrinks RedPajama text: a .zst this much smaller than a span may hold several
+
+
+def needs_streamed_split(path: str, span_bytes: int) -> bool:
+    """Whether a compressed file probably holds more than one span of text, and is worth streaming once to split."""
+    return path.endswith(".zst") and files.size_of(path) * ZSTD_RATIO > span_bytes
+
+
+@dataclass(frozen=True)
+class Part:
+    """A piece of a decompressed file, as `split_stream` cut it: whole lines, from byte `offset` and line `line`."""
+
+    index: int
+    offset: int
+    line: int
+    nbytes: int
+
+
+def split_stream(path: str, span_bytes: int, write_part: Callable[[int, bytes], None]
+                 ) -> tuple[list[Part], Rejected | None]:
+    """Decompress `path` once, front to back, and hand its lines to `write_part(index, bytes)` in pieces of about
+    `span_bytes`, each cut after a newline; returns the pieces and the last line when the file is cut off.
+
+    This is how a large compressed file is shared by many cores: one task streams it (decompressing is far faster
+    than tokenizing), every piece is then tokenized like a small plain file.
+    """
+    parts: list[Part] = []
+    buffer = bytearray()
+    offset, line = 0, 1
+
+    def emit(data: bytes | bytearray) -> None:
+        nonlocal offset, line
+        write_part(len(parts), bytes(data))
+        parts.append(Part(len(parts), offset, line, len(data)))
+        offset += len(data)
+        line += data.count(b"\n")
+
+    with files.open_input(path) as reader:
+        try:
+            for data in _decompressed(_chunks(reader)):
+                buffer += data
+                while len(buffer) >= span_bytes:
+                    cut = buffer.rfind(b"\n", 0, span_bytes)
+                    cut = cut if cut >= 0 else buffer.find(b"\n", span_bytes)
+                    if cut < 0:
+                        break  # one line longer than a span: read on until it ends
+                    emit(buffer[:cut + 1])
+                    del buffer[:cut + 1]
+        except EOFError:
+            complete = buffer.rfind(b"\n") + 1
+            if complete:
+                emit(buffer[:complete])
+            tail = bytes(buffer[complete:])
+            return parts, Rejected("truncated", line, tail[:200].decode("utf-8", "replace"), offset)
+    if buffer or not parts:
+        emit(buffer)
+    return parts, None
 
 
 def subset_of(path: str) -> str:
@@ -187,11 +246,17 @@ def _lines(span: Span) -> Iterator[tuple[int, bytes, bool]]:
             yield offset, pending, False
 
 
-def read_records(source: str | Span, max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES) -> Iterator[Document | Rejected]:
-    """Each non-blank line of a file (or of one span of it) as a Document or a Rejected with reason and place."""
+def read_records(source: str | Span, max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES,
+                 origin: tuple[int, int] = (0, 1)) -> Iterator[Document | Rejected]:
+    """Each non-blank line of a file (or of one span of it) as a Document or a Rejected with reason and place.
+
+    `origin` is (byte offset, line number) of the file's first byte in the file it was cut from (a `Part`),
+    so that places are those of the original.
+    """
     span = source if isinstance(source, Span) else Span(source)
-    for number, (offset, raw, cut_off) in enumerate(_lines(span), start=1):
-        line = number if span.start == 0 else None
+    for number, (local, raw, cut_off) in enumerate(_lines(span), start=1):
+        line = number + origin[1] - 1 if span.start == 0 else None
+        offset = local + origin[0]
         if offset == 0 and raw.startswith(BOM):
             raw = raw[len(BOM):]
         if cut_off:

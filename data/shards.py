@@ -303,7 +303,8 @@ def remove_crashed_writes(root: str) -> None:
     if files.is_uri(root):
         return
     base = Path(root)
-    for folder in [base, base / "units", base / "rejected", *(p for s in SPLITS for p in base.glob(f"{s}/*"))]:
+    for folder in [base, base / "units", base / "rejected", base / "staging", *base.glob("staging/*/"),
+                   *(p for s in SPLITS for p in base.glob(f"{s}/*"))]:
         files.remove_temporaries(folder)
 
 

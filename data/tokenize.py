@@ -122,6 +122,7 @@ def run_unit(unit: dict, settings: dict, root: str, model_proto: bytes) -> dict:
     """Read, validate, tokenize and pack one input span; record it as done in units/<id>.json."""
     processor = _processor(model_proto)
     path, subset, uid = unit["path"], unit["subset"], unit["unit_id"]
+    source = unit.get("source", path)  # a part of a streamed .zst file is read from its staging copy
     span = redpajama.Span(path, unit["start"], unit["end"])
     seq_len = settings["seq_len"]
     shard_rows = max(1, settings["shard_tokens"] // seq_len)
@@ -148,9 +149,9 @@ def run_unit(unit: dict, settings: dict, root: str, model_proto: bytes) -> dict:
                 writers[split].add(packers[split].add(tokens))
                 batch[split] = []
 
-        for record in redpajama.read_records(span, settings["max_doc_bytes"]):
+        for record in redpajama.read_records(span, settings["max_doc_bytes"], tuple(unit.get("origin", (0, 1)))):
             if isinstance(record, redpajama.Rejected):
-                rejected.append({"reason": record.reason, "source": path, "line": record.line,
+                rejected.append({"reason": record.reason, "source": source, "line": record.line,
                                  "offset": record.offset, "excerpt": record.excerpt})
                 continue
             split = "validation" if is_validation(record.text, settings["val_fraction"], settings["seed"]) else "train"
@@ -162,6 +163,8 @@ def run_unit(unit: dict, settings: dict, root: str, model_proto: bytes) -> dict:
                 flush()
                 batch_bytes = 0
         flush()
+    if unit.get("truncated"):  # the cut-off last line of a streamed .zst, found when it was split
+        rejected.append({"source": source, **unit["truncated"]})
 
     write_tails(root, uid, {split: packers[split].pending for split in SPLITS})
     if rejected:
@@ -170,7 +173,7 @@ def run_unit(unit: dict, settings: dict, root: str, model_proto: bytes) -> dict:
     for row in rejected:
         reasons[row["reason"]] = reasons.get(row["reason"], 0) + 1
     result = {
-        "unit_id": uid, "source": path, "start": span.start, "end": span.end, "subset": subset,
+        "unit_id": uid, "source": source, "start": span.start, "end": span.end, "subset": subset,
         "settings_sha": settings_sha(settings),
         "shards": writers["train"].written + writers["validation"].written,
         "made_rows": {split: packers[split].made_rows for split in SPLITS},
@@ -219,31 +222,76 @@ def summarize(units: list[dict], shards: list[dict], dropped: dict) -> dict:
     return {"subsets": per_subset, "total": totals}
 
 
-def run_units(units: list[dict], settings: dict, root: str, model_proto: bytes,
-              on_unit_done: UnitDone | None = None) -> None:
-    """Run pending units as Ray Data tasks, one unit per task, each using one CPU."""
+def run_split(item: dict, settings: dict, root: str) -> dict:
+    """Stream one large .zst input once into plain parts under staging/; record them in staging/<id>.json."""
+    folder = f"{root}/staging/{item['unit_id']}"
+    parts, truncated = redpajama.split_stream(
+        item["path"], settings["span_bytes"],
+        lambda index, data: files.write_bytes(f"{folder}/part-{index:05d}.jsonl", data))
+    result = {"unit_id": item["unit_id"], "source": item["path"], "settings_sha": settings_sha(settings),
+              "parts": [{"path": f"{folder}/part-{p.index:05d}.jsonl", "offset": p.offset, "line": p.line}
+                        for p in parts],
+              "truncated": None if truncated is None else {"reason": truncated.reason, "line": truncated.line,
+                                                           "offset": truncated.offset, "excerpt": truncated.excerpt}}
+    files.write_json(_split_entry(root, item["unit_id"]), result)
+    return result
+
+
+def _split_entry(root: str, uid: str) -> str:
+    """Where the ledger records the split of a streamed input; written after all its parts."""
+    return f"{root}/staging/{uid}.json"
+
+
+def run_tasks(items: list[dict], work: Callable[[dict], dict], what: str,
+              on_done: UnitDone | None = None) -> None:
+    """`work(item)` for every item as Ray Data tasks, one item per task, each using one CPU."""
     import ray  # after ray_jobs.connect, which sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER before ray's first import
 
     # A dataset takes a copy of the current DataContext when it is made: set ours for this one, then put
-    # the process's settings back. Our tqdm counts files. Ray Data reserves a share of the CPUs per
+    # the process's settings back. Our tqdm counts items. Ray Data reserves a share of the CPUs per
     # operator; with the single map operator here that only holds CPUs back (on 2 CPUs: one task at a
     # time for the first second, then 0.1-0.2 s idle between tasks).
     context = ray.data.DataContext.get_current()
     saved = context.enable_progress_bars, context.op_resource_reservation_enabled
     context.enable_progress_bars = context.op_resource_reservation_enabled = False
     try:
-        dataset = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
+        dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     finally:
         context.enable_progress_bars, context.op_resource_reservation_enabled = saved
-    done = dataset.map(
-        lambda row: {"unit_id": run_unit(row, settings, root, model_proto)["unit_id"]},
-        num_cpus=1,
-    )
-    with tqdm(total=len(units), desc="tokenize units", unit="unit", file=sys.stderr) as progress:
+    done = dataset.map(lambda row: {"unit_id": work(row)["unit_id"]}, num_cpus=1)
+    with tqdm(total=len(items), desc=what, unit="unit", file=sys.stderr) as progress:
         for finished, _ in enumerate(done.iter_rows(), start=1):
             progress.update(1)
-            if on_unit_done is not None:
-                on_unit_done(finished, len(units))
+            if on_done is not None:
+                on_done(finished, len(items))
+
+
+def plan_units(inputs: list[str], settings: dict, root: str, address: str | None) -> list[dict]:
+    """The work units of `inputs`: byte spans of plain files, and the parts of large .zst files, which are
+    streamed once into staging/ first (by Ray tasks, one per file, skipped when the ledger has the split)."""
+    sha = settings_sha(settings)
+    units, streamed = [], []
+    for path in inputs:
+        if redpajama.needs_streamed_split(path, settings["span_bytes"]):
+            streamed.append({"unit_id": unit_id(redpajama.Span(path)), "path": path,
+                             "subset": redpajama.subset_of(path)})
+            continue
+        units += [{"unit_id": unit_id(s), "path": s.path, "start": s.start, "end": s.end,
+                   "subset": redpajama.subset_of(s.path)} for s in redpajama.spans_of(path, settings["span_bytes"])]
+    pending = [i for i in streamed
+               if (_read_json_if_present(_split_entry(root, i["unit_id"])) or {}).get("settings_sha") != sha]
+    if pending:
+        log.info("streaming %d compressed files into parts of about %d bytes", len(pending), settings["span_bytes"])
+        ray_jobs.connect(address, log_to_driver=False, configure_logging=False)
+        run_tasks(pending, lambda item: run_split(item, settings, root), "split compressed files")
+    for item in streamed:
+        split = files.read_json(_split_entry(root, item["unit_id"]))
+        last = len(split["parts"]) - 1
+        units += [{"unit_id": f"{item['unit_id']}-part{n:05d}", "path": part["path"], "start": 0, "end": None,
+                   "subset": item["subset"], "source": item["path"], "origin": [part["offset"], part["line"]],
+                   "truncated": split["truncated"] if n == last else None}
+                  for n, part in enumerate(split["parts"])]
+    return units
 
 
 def _read_json_if_present(location: str) -> dict | None:
@@ -309,9 +357,7 @@ def build_dataset(config: TokenizeConfig, on_unit_done: UnitDone | None = None) 
         raise commands.BadInput(f"--out {config.out} cannot be written: {error.strerror or error}") from None
     remove_crashed_writes(root)
 
-    spans = [span for path in inputs for span in redpajama.spans_of(path, config.span_bytes)]
-    units = [{"unit_id": unit_id(s), "path": s.path, "start": s.start, "end": s.end,
-              "subset": redpajama.subset_of(s.path)} for s in spans]
+    units = plan_units(inputs, settings, root, config.address)
     sha = settings_sha(settings)
     pending = [u for u in units
                if (_read_json_if_present(_ledger_entry(root, u["unit_id"])) or {}).get("settings_sha") != sha]
@@ -320,7 +366,7 @@ def build_dataset(config: TokenizeConfig, on_unit_done: UnitDone | None = None) 
     started = time.perf_counter()
     if pending:
         ray_jobs.connect(config.address, log_to_driver=False, configure_logging=False)
-        run_units(pending, settings, root, model_proto, on_unit_done)
+        run_tasks(pending, lambda unit: run_unit(unit, settings, root, model_proto), "tokenize units", on_unit_done)
         remove_crashed_writes(root)  # what tasks on a lost node left before Ray ran them again elsewhere
     results = [files.read_json(_ledger_entry(root, u["unit_id"])) for u in units]
     tail_shards, dropped = pack_tails(root, results, layout, processor.bos_id())
@@ -328,6 +374,9 @@ def build_dataset(config: TokenizeConfig, on_unit_done: UnitDone | None = None) 
     stats = summarize(results, shards, dropped)
     stats["seconds"] = time.perf_counter() - started
     files.write_json(f"{root}/stats.json", stats)
+    # the parts of streamed .zst inputs are tokenized; removed before `finished` is written, so that no crash
+    # leaves them behind (one before it makes the rerun split those files again, then skip every done unit)
+    files.remove_tree(f"{root}/staging")
     manifest.update(finished=True, shards=shards, stats=stats)
     files.write_json(manifest_path, manifest)
     if config.track:

@@ -226,6 +226,13 @@ def remove_temporaries(folder: Path, pattern: str = ".*.tmp-*") -> list[Path]:
     return removed
 
 
+def remove_tree(location: str | Path) -> None:
+    """Delete a folder and everything under it, local or a bucket prefix; nothing there is not an error."""
+    fs, path = filesystem(location)
+    if kind(location) == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
 def sha256_of(source: str | Path) -> str:
     """The sha256 of a file, local or on a bucket, read in chunks (a shard can be hundreds of MB)."""
     fs, path = filesystem(source)

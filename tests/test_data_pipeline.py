@@ -73,6 +73,24 @@ def test_rejected_lines_are_quarantined_with_reason_source_and_line(built):
     assert all(r["source"].endswith("c4-train.00000-of-01024.jsonl") for r in rejected)
 
 
+def test_small_spans_and_streamed_parts_give_the_same_documents_tokens_and_rejections(corpus, built, sp_model,
+                                                                                      tmp_path):
+    """Spans of 8 kB cut the plain files in pieces and send the .zst file through a streamed split into parts."""
+    manifest = build(corpus, sp_model, tmp_path, span_bytes=8000)
+    units = [json.loads(p.read_text()) for p in (tmp_path / "units").glob("*.json")]
+    assert sum("-part" in u["unit_id"] for u in units) > 1 and sum("-at" in u["unit_id"] for u in units) > 1
+    compressed = {str(p) for p in Path(corpus["inputs"][0]).rglob("*.zst")}
+    assert {u["source"] for u in units if "-part" in u["unit_id"]} == compressed
+    for key in ("documents", "validation_documents", "tokens", "bytes", "files"):
+        assert {s: e[key] for s, e in manifest["stats"]["subsets"].items()} == \
+            {s: e[key] for s, e in built[1]["stats"]["subsets"].items()}, key
+    rejected = pq.read_table(tmp_path / "rejected").to_pylist()
+    whole = pq.read_table(built[0] / "rejected").to_pylist()
+    assert sorted((r["reason"], r["source"], r["offset"]) for r in rejected) == \
+        sorted((r["reason"], r["source"], r["offset"]) for r in whole)
+    assert not (tmp_path / "staging").exists()  # the streamed parts are gone once the dataset is finished
+
+
 def test_rejections_are_counted_by_reason_in_stats(built):
     stats = json.loads((built[0] / "stats.json").read_text())
     assert stats["subsets"]["c4"]["rejected"] == {"empty_text": 1, "invalid_utf8": 1, "no_text": 1, "not_json": 1}
@@ -142,7 +160,7 @@ def test_a_run_stopped_midway_is_unfinished_and_a_rerun_gives_the_same_shards(co
 
 
 def test_a_finished_dataset_with_the_same_settings_is_reused(corpus, built, sp_model, monkeypatch):
-    monkeypatch.setattr(tokenize, "run_units", lambda *a: pytest.fail("tokenized again"))
+    monkeypatch.setattr(tokenize, "run_tasks", lambda *a: pytest.fail("tokenized again"))
     assert build(corpus, sp_model, built[0]) == built[1]
 
 

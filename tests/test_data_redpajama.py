@@ -161,3 +161,51 @@ def test_a_compressed_file_is_one_span(tmp_path):
     path.parent.mkdir()
     path.write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "a"}\n' * 10_000))
     assert redpajama.spans_of(str(path), 100) == [redpajama.Span(str(path))]
+
+
+def zstd_file(tmp_path: Path, cut: bool = False) -> Path:
+    """A zstd c4 file of varied lines (one far longer than a part, blank lines, a bad line), optionally cut off."""
+    lines = []
+    for i in range(3000):
+        size = 20_000 if i == 1000 else (i * 53) % 700
+        lines.append(json.dumps({"text": f"doc {i} " + "y" * size}).encode() + b"\n")
+        if i % 17 == 0:
+            lines.append(b"\n" if i % 2 else b"{not json\n")
+    compressed = zstandard.ZstdCompressor(level=1).compress(b"".join(lines))
+    path = tmp_path / "c4" / "c4-train.00000-of-01024.jsonl.zst"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(compressed[: len(compressed) * 2 // 3] if cut else compressed)
+    return path
+
+
+@pytest.mark.parametrize("cut", [False, True], ids=["whole", "cut_off"])
+@pytest.mark.parametrize("span_bytes", [1, 10_000, 150_000, 10**9])
+def test_a_compressed_file_streamed_into_parts_reads_as_the_file_did(tmp_path, span_bytes, cut):
+    path = zstd_file(tmp_path, cut)
+    pieces: dict[int, bytes] = {}
+    parts, truncated = redpajama.split_stream(str(path), span_bytes, pieces.__setitem__)
+    assert [p.index for p in parts] == sorted(pieces) == list(range(len(parts)))
+    assert all(pieces[p.index].endswith(b"\n") for p in parts[:-1])  # cut after a newline: no line in two parts
+    # at most a span, unless one line alone is longer
+    assert all(len(pieces[p.index]) <= span_bytes or pieces[p.index].count(b"\n") == 1 for p in parts[:-1])
+    found = []
+    for part in parts:
+        (tmp_path / f"part-{part.index}.jsonl").write_bytes(pieces[part.index])
+        found += redpajama.read_records(str(tmp_path / f"part-{part.index}.jsonl"), origin=(part.offset, part.line))
+    found += [truncated] if truncated else []
+    whole = records(path)
+    def places(rs: list) -> list[tuple]:
+        return [(type(r), r.line, r.offset, r.text if isinstance(r, Document) else r.excerpt) for r in rs]
+
+    assert places(found) == places(whole)
+    assert (truncated is not None) == cut
+    assert any(isinstance(r, Rejected) and r.reason == "not_json" for r in whole)
+
+
+def test_only_a_compressed_file_that_may_hold_several_spans_is_streamed(tmp_path):
+    path = zstd_file(tmp_path)
+    size = path.stat().st_size
+    assert redpajama.needs_streamed_split(str(path), size)
+    assert not redpajama.needs_streamed_split(str(path), size * redpajama.ZSTD_RATIO)
+    plain = write_lines(tmp_path / "c4" / "c4-train.00001-of-01024.jsonl", [b'{"text": "a"}\n'] * 10_000)
+    assert not redpajama.needs_streamed_split(str(plain), 100)
