@@ -41,5 +41,6 @@ plan: $(INSTALLED)  ## the published presets compiled for their TPU slices by th
 	JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 $(BIN)/python -P bench/plan.py
 
 bench: $(INSTALLED)  ## every benchmark script; each prints ratios against a baseline it measures itself
+	$(BIN)/python -m pip install --quiet -e '.[bench]'  # the baselines only benchmarks need (datatrove)
 	@set -e; scripts="$$(ls bench/*.py 2>/dev/null)"; [ -n "$$scripts" ] || { echo "no bench/*.py scripts"; exit 1; }; \
 	for script in $$scripts; do echo "== $$script"; $(BIN)/python $$script; done
