@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,11 +72,11 @@ def namespace_pids(name: str) -> list[int]:
     return [int(pid) for pid in ip("netns", "pids", name, check=False).split()]
 
 
-def kill_namespace(name: str, timeout: float = 30.0) -> list[int]:
-    """SIGKILL every process in namespace `name` until none is left; returns the pids killed."""
+def kill_namespace(name: str, timeout: float = 30.0, spare: Collection[int] = ()) -> list[int]:
+    """SIGKILL every process in namespace `name` but `spare` until none is left; returns the pids killed."""
     killed: list[int] = []
     deadline = time.monotonic() + timeout
-    while pids := [pid for pid in namespace_pids(name) if alive(pid)]:
+    while pids := [pid for pid in namespace_pids(name) if alive(pid) and pid not in spare]:
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -270,6 +271,12 @@ class ClusterOfHosts:
         worker.stop()  # nothing left to stop: removes its record and temp dir
         return killed
 
+    def lose_head(self, spare: Collection[int] = ()) -> list[int]:
+        """Every process of the head host SIGKILLed at once (GCS, raylet, dashboard, Ray Train's controller)
+        but `spare`: a driver there, which must outlive its head to say what happened. The worker hosts are
+        left as such a loss leaves them."""
+        return kill_namespace(self.head_host.name, spare=spare)
+
     @property
     def worker_addresses(self) -> list[str]:
         return sorted(self.workers)
@@ -307,6 +314,13 @@ class ClusterOfHosts:
         self.workers.clear()
         self.head_host.kill_everything()
         stop_ray_head(self.head)
+
+    def remove(self) -> None:
+        """Stop the cluster and remove its hosts, leaving its network to others (a second cluster on it)."""
+        own = [self.head_host, *(host for host, _ in self.workers.values())]
+        self.stop()
+        for host in own:
+            self.network.remove_host(host)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
 """Training across hosts: a real Ray cluster of separate network hosts on this machine (tests/hosts.py),
-one Ray Train worker per host, one `jax.distributed` system over gloo between them, and a host lost mid-run.
+one Ray Train worker per host, one `jax.distributed` system over gloo between them, and a host lost mid-run
+(a worker host, or the head).
 
 The head host has no CPUs for Ray to schedule and each worker host has one, so the two Ray Train workers
 (1 CPU each) can only run on two different hosts. The driver (`openllama train`) runs on the head host, a
@@ -27,6 +28,7 @@ import harness
 import hosts
 from openllama.train.checkpoint import RunDir, load_model
 from openllama.train.config import TrainConfig, load_config
+from openllama.train.launch import gcs_answers
 from openllama.train.trainer import Hook, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -366,3 +368,137 @@ def test_a_dataset_tokenized_across_hosts_with_one_lost_equals_an_uninterrupted_
     assert json.loads((out / "manifest.json").read_text())["finished"] is True
     assert shard_entries(out) == shard_entries(dataset)  # no document lost, none twice
     assert [p for p in out.rglob("*") if ".tmp-" in p.name] == []
+
+
+# --- the head lost -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class HeadLost(AcrossHosts):
+    """A run whose Ray head host lost every process but the driver between the step-5 and step-10
+    checkpoints, then the same command run again against a new head with new worker hosts."""
+
+    head: str = ""  # the lost head's GCS address
+    checkpoints_at_kill: list[int] = field(default_factory=list)
+    killed_at_ns: int = 0
+    driver_code: int = 0  # the first driver's exit status
+    driver_err: str = ""  # ... and its stderr
+    driver_end_ns: int = 0
+    orphans: int = 0  # processes still alive on the old worker hosts when the driver had ended
+    rerun_start_ns: int = 0  # the new head and worker hosts up
+    rerun_end_ns: int = 0
+    rerun_logs: list[str] = field(default_factory=list)  # each rerun worker's log, read before its host went
+
+    @property
+    def driver_ended_s(self) -> float:
+        """From the kill to the first driver's exit."""
+        return (self.driver_end_ns - self.killed_at_ns) / 1e9
+
+    @property
+    def recovery_s(self) -> float:
+        """From the kill to the end of the rerun on the new head: a new cluster started, the run finished."""
+        return (self.rerun_end_ns - self.killed_at_ns) / 1e9
+
+
+@pytest.fixture(scope="module")
+def head_lost(cluster, base, tmp_path_factory) -> HeadLost:
+    """A cluster of its own on the module's network, so that `cluster` never sees a broken head. Once the
+    step-5 checkpoint is complete the rank-0 worker is frozen (no later checkpoint can complete, as in
+    `host_lost`), then every process of the head host but the driver is SIGKILLed: GCS, raylet, dashboard,
+    Ray Train's controller. Once the driver has ended, the old worker hosts are removed (their Ray processes
+    outlive the head; unfrozen, their training could go on writing into the run directory) and the same
+    command runs again on a new head with 2 new worker hosts."""
+    out = tmp_path_factory.mktemp("head_lost")
+    command, config, tracking_uri = train_command(base, out)
+    run = RunDir(config.run_dir)
+    states = tmp_path_factory.mktemp("head_lost_hosts")
+    first = hosts.ClusterOfHosts.start(cluster.network, states, worker_hosts=2)
+    live = [first]
+    try:
+        proc = harness.start([*first.head_host.launcher, *command], first.env(**STATE_TRACKING), cwd=REPO)
+        try:
+            workers = harness.wait_for(lambda: running_workers(first, config), 300, "Ray Train's workers", proc,
+                                       poll=0.5)
+            rank0 = next(worker for worker in workers if worker["world_rank"] == 0)
+            harness.wait_for(run.latest, 300, "the step-5 checkpoint", proc)
+            os.kill(rank0["pid"], signal.SIGSTOP)
+            checkpoints_at_kill = [step for step, _ in run.complete_checkpoints()]
+            killed_at_ns = time.time_ns()
+            first.lose_head(spare=harness.process_tree(proc.pid))
+            _, driver_err = proc.communicate(timeout=300)
+            driver_end_ns = time.time_ns()
+        except BaseException:
+            harness.kill_group(proc)
+            raise
+        orphans = sum(len(host.pids()) for host, _ in first.workers.values())
+        first.remove()
+        live.remove(first)
+        second = hosts.ClusterOfHosts.start(cluster.network, states, worker_hosts=2)
+        live.append(second)
+        rerun_start_ns = time.time_ns()
+        on_head_host(second, *command, timeout=400, **STATE_TRACKING)
+        rerun_end_ns = time.time_ns()
+        ray_run = ray_train_run(second, config)
+        logs = [Path(worker["log_file_path"]).read_text(errors="replace")
+                for attempt in ray_run["attempts"] for worker in attempt["workers"]]
+        lost = HeadLost(config, tracking_uri, ray_run, second.worker_addresses, head=first.head.address,
+                        checkpoints_at_kill=checkpoints_at_kill, killed_at_ns=killed_at_ns,
+                        driver_code=proc.returncode, driver_err=driver_err, driver_end_ns=driver_end_ns,
+                        orphans=orphans, rerun_start_ns=rerun_start_ns, rerun_end_ns=rerun_end_ns,
+                        rerun_logs=logs)
+    finally:
+        for left in live:
+            left.remove()
+    print(f"head lost: the driver ended {lost.driver_ended_s:.1f} s after the kill, {orphans} processes alive on the "
+          f"old worker hosts then; a new cluster up {(rerun_start_ns - killed_at_ns) / 1e9:.1f} s after the kill, "
+          f"the rerun ended {lost.recovery_s:.1f} s after it")
+    return lost
+
+
+def test_head_was_lost_between_two_checkpoints(head_lost):
+    assert head_lost.checkpoints_at_kill == [5]
+
+
+def test_a_driver_whose_head_is_lost_ends_with_one_line_saying_how_to_resume(head_lost):
+    """Exit 1 soon after the kill, the last line naming the lost head and the checkpoint a rerun starts from."""
+    run = RunDir(head_lost.config.run_dir)
+    assert head_lost.driver_code == 1, head_lost.driver_err[-4000:]
+    assert head_lost.driver_err.strip().splitlines()[-1] == (
+        f"openllama train: {head_lost.config.name} failed: the Ray cluster (head at {head_lost.head}) was lost: "
+        "its GCS does not answer; running the same command again on a new head resumes from the newest "
+        f"checkpoint (step 5, {run.step_dir(5)})")
+    assert "Traceback" not in head_lost.driver_err.split("openllama train:")[-1]
+    assert 0 < head_lost.driver_ended_s < 60, head_lost.driver_ended_s
+
+
+def test_only_a_gcs_that_does_not_answer_counts_as_a_lost_head(cluster, head_lost):
+    """A controller lost while its GCS answers is not called a lost head: Ray's own error stands."""
+    assert gcs_answers(cluster.head.address)
+    assert not gcs_answers(head_lost.head, timeout=1.0)  # its host is gone: no refusal, a timeout
+
+
+def test_the_same_command_on_a_new_head_resumes_from_the_newest_checkpoint(head_lost):
+    """One attempt, on the new worker hosts only; step 5 was saved once, before the kill, step 10 by the
+    rerun; each of its workers' logs says it resumed from step 5."""
+    run = RunDir(head_lost.config.run_dir)
+    [attempt] = head_lost.attempts
+    assert attempt["status"] == "FINISHED"
+    assert sorted(worker["node_ip"] for worker in attempt["workers"]) == head_lost.worker_hosts
+    assert (run.step_dir(5) / "state.json").stat().st_mtime_ns < head_lost.killed_at_ns
+    assert (run.step_dir(STEPS) / "state.json").stat().st_mtime_ns > attempt["start_time_ns"]
+    assert len(head_lost.rerun_logs) == 2
+    assert all(f"resuming from {run.step_dir(5)} (step 5)" in log for log in head_lost.rerun_logs)
+    assert 0 < head_lost.recovery_s < 240, head_lost.recovery_s
+
+
+def test_run_with_a_lost_head_ends_with_the_uninterrupted_parameters(one_host, head_lost):
+    _, config = one_host
+    assert_same_params(head_lost.final_params(), load_model(RunDir(config.run_dir).latest()[1])[1], atol=1e-5)
+
+
+def test_run_with_a_lost_head_logs_each_steps_loss_once(one_host, head_lost):
+    reference, _ = one_host
+    losses = head_lost.losses()
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    for step, values in losses.items():
+        assert values == pytest.approx([reference[step]], abs=1e-5), step

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -200,12 +201,15 @@ def absolute_paths(config: TrainConfig) -> TrainConfig:
 def fit(config: TrainConfig, address: str | None = None):
     """Run training under JaxTrainer on the Ray cluster at `address` (or RAY_ADDRESS, else in-process).
 
-    Returns Ray Train's Result; raises the training error (after recording it in MLflow) on failure.
+    Returns Ray Train's Result; raises the training error (after recording it in MLflow) on failure, and a lost
+    head as WorkFailed naming it and the checkpoint the same command resumes from on a new head.
     """
     validate(config)
     config = absolute_paths(config)
     ray_jobs.connect(address)
     # imported after `connect`, which decides how Ray binds before `ray` is first imported
+    import ray
+    from ray.exceptions import ActorUnavailableError
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.v2.jax import JaxTrainer
 
@@ -229,12 +233,34 @@ def fit(config: TrainConfig, address: str | None = None):
             failure_config=FailureConfig(max_failures=s.max_failures),
         ),
     )
+    head = ray.get_runtime_context().gcs_address
     result = None
     try:
         result = trainer.fit()
+    except ActorUnavailableError as error:
+        # Ray Train's controller runs on the driver's node; what a killed head leaves the driver is this error
+        # (`RpcError: Socket closed`) from the controller, and a GCS that no longer answers
+        if gcs_answers(head):
+            raise
+        newest = RunDir(config.run_dir).latest()
+        resume = (f"resumes from the newest checkpoint (step {newest[0]}, {newest[1]})" if newest
+                  else "starts it again (no checkpoint was complete)")
+        raise commands.WorkFailed(f"the Ray cluster (head at {head}) was lost: its GCS does not answer; running "
+                                  f"the same command again on a new head {resume}") from error
     finally:
         finish_tracking_run(config, run_id, succeeded=result is not None and result.error is None)
     return result
+
+
+def gcs_answers(address: str, timeout: float = 5.0) -> bool:
+    """Whether the GCS at `address` (HOST:PORT) accepts a connection: an unreachable controller whose GCS
+    still answers is a lost actor, not a lost head, and keeps Ray's own error."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def main(argv: list[str]) -> int:
