@@ -49,6 +49,15 @@ def test_memory_is_the_compilers_arguments_outputs_and_temporaries(planned):
     assert planned["hbm_needed_bytes"] == m["arguments"] + m["outputs"] - m["aliased"] + m["temporaries"]
     assert m["aliased"] > 0  # the donated train state
     assert planned["fits"] and planned["hbm_needed_bytes"] < planned["hbm_capacity_bytes"] == int(30.75 * 2**30)
+    assert planned["host_bytes"] == 0  # nothing offloaded without a policy that offloads
+
+
+def test_offloaded_keys_and_values_are_host_memory_not_hbm():
+    done = plan("tiny-cpu", *TINY, *TINY_ON["v4-8"], "model.remat_policy=q_saved_kv_offloaded", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    offloaded = json.loads(done.stdout)
+    keys_and_values = 2 * 2 * (16 // 4) * 256 * 64 * 2  # layers x (k, v) x rows per chip x positions x width x bf16
+    assert offloaded["host_bytes"] >= keys_and_values
 
 
 def test_executed_flops_cover_the_model_and_the_cpu_kernels_stay_off_the_tpu(planned):

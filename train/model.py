@@ -22,13 +22,19 @@ from openllama.train.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # What the backward pass keeps from the forward; the rest it recomputes. The CPU kernels carry their own
-# gradients, which hides their products from jax's checkpoint_dots, so products are saved by name.
+# gradients, which hides their products from jax's checkpoint_dots, so products are saved by name. An offloaded
+# name is copied to the host's memory in the forward pass and back in the backward: HBM it does not take, for
+# host-link traffic instead of recompute (on CPU the host's memory is the device's own).
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.save_only_these_names("projection", "kv", "attention"),
-    "dots_no_batch": jax.checkpoint_policies.save_only_these_names("projection", "kv"),  # not per-head products
+    "dots": jax.checkpoint_policies.save_only_these_names("projection", "query", "kv", "attention"),
+    "dots_no_batch": jax.checkpoint_policies.save_only_these_names("projection", "query", "kv"),  # no per-head products
     "kv": jax.checkpoint_policies.save_only_these_names("kv"),  # keys and values; the rest is recomputed
+    "q_saved_kv_offloaded": jax.checkpoint_policies.save_and_offload_only_these_names(  # q in HBM, k, v on the host
+        names_which_can_be_saved=["query"], names_which_can_be_offloaded=["kv"],
+        offload_src="device", offload_dst="pinned_host",
+    ),
 }
 
 
@@ -178,7 +184,7 @@ class Attention(nn.Module):
     ) -> tuple[jax.Array, dict | None]:
         c = self.config
         batch, seq, _ = x.shape
-        q = Dense(c.num_attention_heads * c.head_dim, c, name="q_proj")(x)
+        q = Dense(c.num_attention_heads * c.head_dim, c, "query", name="q_proj")(x)
         k = Dense(c.num_key_value_heads * c.head_dim, c, "kv", name="k_proj")(x)
         v = Dense(c.num_key_value_heads * c.head_dim, c, "kv", name="v_proj")(x)
         heads = ("batch", "seq", "heads", "head_dim")

@@ -4,7 +4,8 @@ The TPU compiler (libtpu, the `tpu` extra) runs without a TPU: it describes the 
 compile-only devices, and the step `Trainer` would run (`program.make_program`) is lowered and
 compiled for them. What the compiler reports, per chip:
 
-- HBM: arguments + outputs - aliased (the donated state) + temporaries, against what a chip offers.
+- HBM: arguments + outputs - aliased (the donated state) + temporaries, against what a chip offers; and
+  the host memory the step's offloaded activations take (remat policies that offload, `model.py`).
 - Executed FLOPs, counted from the step's jaxpr rather than the compiler's cost analysis, which counts a
   loop body once (and the TPU compiler puts products in loops): every product, recompute included
   (remat bodies, scan x length, custom gradients), and the splash kernels' products over the causal
@@ -57,6 +58,7 @@ class StepPlan:
     hbm_needed_bytes: int
     hbm_capacity_bytes: int
     memory: dict[str, int]  # the compiler's arguments, outputs, aliased and temporaries, per chip
+    host_bytes: int  # the host memory each chip's step takes (offloaded activations), beside its HBM
     executed_flops_per_step: float  # over the whole slice
     model_flops_per_step: float
     collective_bytes_per_step: float  # sent by each chip
@@ -124,20 +126,22 @@ def plan(config: TrainConfig, name: str) -> StepPlan:
         memory = compiled.memory_analysis()
         sizes = {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
                  "aliased": memory.alias_size_in_bytes, "temporaries": memory.temp_size_in_bytes}
+        host = (memory.host_argument_size_in_bytes + memory.host_output_size_in_bytes
+                - memory.host_alias_size_in_bytes + memory.host_temp_size_in_bytes)
         by_kind = collective_bytes(compiled.as_text())
     else:
         # the donated state is the arguments, the outputs and what they alias; the rest is temporaries
         state_bytes = int(sum(np.dtype(leaf.dtype).itemsize * math.prod(leaf.sharding.shard_shape(leaf.shape))
                               for leaf in jax.tree.leaves(state)))
         sizes = {"arguments": state_bytes, "outputs": state_bytes, "aliased": state_bytes, "temporaries": refused}
-        by_kind = {}
+        host, by_kind = 0, {}
     needed = sizes["arguments"] + sizes["outputs"] - sizes["aliased"] + sizes["temporaries"]
     params = llama.num_params()
     gathered = np.dtype(llama.param_dtype).itemsize * params * (tpu.chips - 1) / tpu.chips
     return StepPlan(
         config=name, slice=tpu.name, topology=tpu.topology, devices=len(devices), mesh=dict(program.mesh.shape),
         fits=needed <= tpu.hbm_bytes, hbm_needed_bytes=int(needed), hbm_capacity_bytes=tpu.hbm_bytes,
-        memory=sizes, executed_flops_per_step=executed_flops(jaxpr.jaxpr),
+        memory=sizes, host_bytes=int(host), executed_flops_per_step=executed_flops(jaxpr.jaxpr),
         model_flops_per_step=llama.flops_per_token(config.train.seq_len) * config.train.global_batch_size
         * config.train.seq_len,
         collective_bytes_per_step=sum(by_kind.values()), collective_bytes_by_kind=by_kind,
@@ -326,6 +330,7 @@ def report(result: StepPlan) -> str:
         f"  HBM per chip   {result.hbm_needed_bytes / GiB:.2f} GiB of {result.hbm_capacity_bytes / GiB:.2f} GiB: "
         f"{'fits' if result.fits else 'DOES NOT FIT'} (arguments {m['arguments'] / GiB:.2f} + outputs "
         f"{m['outputs'] / GiB:.2f} - aliased {m['aliased'] / GiB:.2f} + temporaries {m['temporaries'] / GiB:.2f})",
+        f"  host per chip  {result.host_bytes / GiB:.2f} GiB (activations the remat policy offloads)",
         f"  FLOPs/step     executed {result.executed_flops_per_step:.3e}, model {result.model_flops_per_step:.3e}: "
         f"{result.flops_ratio:.2f}x",
         f"  sent per chip  {result.collective_bytes_per_step / GiB:.2f} GiB/step, FSDP minimum "
