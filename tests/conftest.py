@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pytest
+
+import harness
 
 # Every test runs on CPU. The TPU compiler (libtpu, the `tpu` extra) is installed for `openllama plan`; left
 # to itself, JAX would try to start it as a runtime in every process and warn that there is no TPU.
@@ -81,3 +84,39 @@ def bucket(s3_server, monkeypatch: pytest.MonkeyPatch) -> str:
     for key, value in s3_server.env.items():
         monkeypatch.setenv(key, value)
     return f"s3://{s3_server.new_bucket()}"
+
+
+# --- the fault report: one row per fault test (`make faults`, tests/harness.py) ------------------------------
+
+OUTCOME = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    if report.when == "call":
+        item.stash[OUTCOME] = report.outcome
+    return report
+
+
+@dataclass
+class FaultRow:
+    fault: str = ""
+    happened: str = ""
+    lost: str = ""  # what was lost, in the data's own units ("0 of 1,234 documents")
+    recovery_s: float | None = None  # from the fault to whole again; None when there is nothing to recover
+    details: dict = field(default_factory=dict)
+
+
+@pytest.fixture
+def fault_report(request: pytest.FixtureRequest):
+    """The test's report row, written at teardown with the test's outcome: a test that fails or skips before
+    it filled its row still writes one, under its own name, so the table cannot show only successes."""
+    row = FaultRow()
+    yield row
+    path = os.environ.get(harness.REPORT_ENV)
+    if path:
+        outcome = request.node.stash.get(OUTCOME, "error")
+        row.fault = row.fault or request.node.name
+        row.happened = row.happened or f"the test {outcome} before it said what happened"
+        harness.record(path, {"test": request.node.nodeid, "outcome": outcome, **asdict(row)})

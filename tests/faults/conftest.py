@@ -1,4 +1,5 @@
-"""Fault-injection suite (`make faults`): the report row fixture and a packed dataset built once.
+"""Fault-injection suite (`make faults`): a packed dataset built once (the report row fixture, `fault_report`,
+is in tests/conftest.py: the many-hosts faults of tests/test_multihost.py fill rows too).
 
 Every test here injects a fault from outside (SIGKILL, a stopped server, flipped bytes, a full disk, bad
 input) and fills one row of the report: fault, what happened, data lost, time to recover. Rows go to the
@@ -7,10 +8,9 @@ JSON-lines file named by OPENLLAMA_FAULT_REPORT when it is set (see tests/harnes
 
 from __future__ import annotations
 
-import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,44 +21,6 @@ REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "data" / "sample" / "redpajama"
 OPENLLAMA = str(Path(sys.executable).parent / "openllama")
 SEQ_LEN = 32
-OUTCOME = pytest.StashKey[str]()
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "faults: fault-injection test (crash, restart, bad input); `make faults`")
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    report = yield
-    if report.when == "call":
-        item.stash[OUTCOME] = report.outcome
-    return report
-
-
-@dataclass
-class FaultRow:
-    fault: str = ""
-    happened: str = ""
-    lost: str = ""  # what was lost, in the data's own units ("0 of 1,234 documents")
-    recovery_s: float | None = None  # from the fault to whole again; None when there is nothing to recover
-    details: dict = field(default_factory=dict)
-
-
-@pytest.fixture
-def fault_report(request: pytest.FixtureRequest):
-    """The test's report row, written at teardown with the test's outcome: a test that fails or skips before
-    it filled its row still writes one, under its own name, so the table cannot show only successes."""
-    row = FaultRow()
-    yield row
-    path = os.environ.get(faults.REPORT_ENV)
-    if path:
-        outcome = request.node.stash.get(OUTCOME, "error")
-        row.fault = row.fault or request.node.name
-        row.happened = row.happened or f"the test {outcome} before it said what happened"
-        faults.record(path, {"test": request.node.nodeid, "outcome": outcome, **asdict(row)})
-
-
 def tokenize_command(inputs: list[str], tokenizer: Path, out: Path, *extra: str) -> list[str]:
     return [OPENLLAMA, "data", "tokenize", *inputs, "--tokenizer", str(tokenizer), "--out", str(out),
             "--seq-len", str(SEQ_LEN), "--val-fraction", "0.2", "--no-track", *extra]
