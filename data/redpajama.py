@@ -78,8 +78,10 @@ class Span:
 
 def spans_of(path: str, span_bytes: int) -> list[Span]:
     """`path` cut into spans of about `span_bytes` (one span for a compressed or a small file)."""
-    size = files.size_of(path)
-    if path.endswith(".zst") or size <= span_bytes:
+    if path.endswith(".zst"):
+        return [Span(path)]
+    size = files.size_of(path)  # one request per input on a bucket: only plain files need it
+    if size <= span_bytes:
         return [Span(path)]
     count = -(-size // span_bytes)
     edges = [size * i // count for i in range(count + 1)]

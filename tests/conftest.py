@@ -89,13 +89,22 @@ def bucket(s3_server, monkeypatch: pytest.MonkeyPatch) -> str:
 # --- the fault report: one row per fault test (`make faults`, tests/harness.py) ------------------------------
 
 OUTCOME = pytest.StashKey[str]()
+HAS_ROW = pytest.StashKey[bool]()  # the test's `fault_report` was set up: its teardown writes the row
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = yield
-    if report.when == "call":
+    if report.when == "call" or (report.when == "setup" and not report.passed):
         item.stash[OUTCOME] = report.outcome
+    path = os.environ.get(harness.REPORT_ENV)
+    if path and report.when == "setup" and not report.passed and item.get_closest_marker("faults") \
+            and not item.stash.get(HAS_ROW, False):
+        # skipped (a host feature missing) or broken before its row existed: the table still shows it
+        reason = report.longrepr[2] if report.skipped and isinstance(report.longrepr, tuple) else "setup failed"
+        harness.record(path, {"test": item.nodeid, "outcome": report.outcome, "fault": item.name,
+                              "happened": f"{report.outcome} before it ran: {reason}", "lost": "", "recovery_s": None,
+                              "details": {}})
     return report
 
 
@@ -113,6 +122,7 @@ def fault_report(request: pytest.FixtureRequest):
     """The test's report row, written at teardown with the test's outcome: a test that fails or skips before
     it filled its row still writes one, under its own name, so the table cannot show only successes."""
     row = FaultRow()
+    request.node.stash[HAS_ROW] = True
     yield row
     path = os.environ.get(harness.REPORT_ENV)
     if path:

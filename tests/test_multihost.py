@@ -157,6 +157,13 @@ def across_hosts(cluster, base, tmp_path_factory) -> AcrossHosts:
     return AcrossHosts(config, tracking_uri, ray_train_run(cluster, config), cluster.worker_addresses)
 
 
+def assert_each_step_logged_once_as(losses: dict[int, list[float]], reference: dict[int, float]) -> None:
+    """Every step's loss is in MLflow exactly once, equal to the one-host run's (fp32: 1e-5)."""
+    assert sorted(losses) == sorted(reference) == list(range(1, STEPS + 1))
+    for step, values in losses.items():
+        assert values == pytest.approx([reference[step]], abs=1e-5), step
+
+
 def assert_same_params(a, b, atol: float) -> None:
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol)
@@ -217,11 +224,7 @@ def test_jax_coordinator_and_gloo_are_on_the_worker_hosts_addresses(across_hosts
 
 
 def test_losses_across_hosts_equal_the_one_host_run(one_host, across_hosts):
-    reference, _ = one_host
-    losses = across_hosts.losses()
-    assert sorted(losses) == sorted(reference) == list(range(1, STEPS + 1))
-    for step, values in losses.items():
-        assert values == pytest.approx([reference[step]], abs=1e-5), step
+    assert_each_step_logged_once_as(across_hosts.losses(), one_host[0])
 
 
 def test_parameters_across_hosts_equal_the_one_host_run(one_host, across_hosts):
@@ -325,11 +328,7 @@ def test_run_with_a_lost_host_ends_with_the_uninterrupted_parameters(one_host, h
 
 
 def test_run_with_a_lost_host_logs_each_steps_loss_once(one_host, host_lost):
-    reference, _ = one_host
-    losses = host_lost.losses()
-    assert sorted(losses) == list(range(1, STEPS + 1))
-    for step, values in losses.items():
-        assert values == pytest.approx([reference[step]], abs=1e-5), step
+    assert_each_step_logged_once_as(host_lost.losses(), one_host[0])
 
 
 # --- tokenizing across hosts, one host lost ----------------------------------------------------------------
@@ -521,8 +520,4 @@ def test_run_with_a_lost_head_ends_with_the_uninterrupted_parameters(one_host, h
 
 
 def test_run_with_a_lost_head_logs_each_steps_loss_once(one_host, head_lost):
-    reference, _ = one_host
-    losses = head_lost.losses()
-    assert sorted(losses) == list(range(1, STEPS + 1))
-    for step, values in losses.items():
-        assert values == pytest.approx([reference[step]], abs=1e-5), step
+    assert_each_step_logged_once_as(head_lost.losses(), one_host[0])
