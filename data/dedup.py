@@ -4,17 +4,19 @@ The output is a RedPajama corpus (`OUT/<subset>/<file>.jsonl`) that `tokenizer t
 unchanged, plus `OUT/duplicates/` (what was removed as a copy, and of which kept document), `OUT/rejected/`
 (what a filter or the decontamination removed, and why) and `OUT/stats.json` (counts per subset).
 
-Four stages, each a set of Ray Data tasks whose results are published whole with a ledger entry written last
+Its stages are sets of Ray Data tasks whose results are published whole with a ledger entry written last
 (`OUT/work/<stage>/<item>.json`), so a killed run resumes where it stopped and redoes no finished item:
 
 1. scan, one task per input file: validate, filter, decontaminate; hash each document's normalized text (exact
    stage) and MinHash its character 13-grams (fuzzy stage); write the keys into `partitions` hash partitions.
 2. match, one task per partition: exact groups (same key) and LSH buckets (same band) of that partition only,
    bucket pairs verified by the estimated Jaccard of their signatures: memory is the partition, not the corpus.
-3. resolve, in the driver: connected components of the verified pairs; each cluster keeps its smallest document
-   id, and ids order documents by (subset, file path, position), so the choice does not depend on input order,
-   partitions or workers.
-4. write, one task per input file: the kept documents, and the removed ones into `duplicates/`.
+   Exact copies and verified pairs become the edges of one graph, partitioned by document.
+3. components, rounds of one task per partition (`star_round`) until every cluster is a star around its
+   smallest document id; ids order documents by (subset, file path, position), so the document kept does not
+   depend on input order, partitions or workers.
+4. resolve, one task per partition: the removed documents and the kept one of each, per input file.
+5. write, one task per input file: the kept documents, and the removed ones into `duplicates/`.
 
 How to choose presets, thresholds and filters, and what each removes on the shipped sample: docs/dedup.md.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import importlib.resources
 import io
@@ -330,8 +333,8 @@ def _read_parquets(paths: Iterable[Path], schema: pa.Schema) -> pa.Table:
 
 EXACT_SCHEMA = pa.schema([("k1", pa.uint64()), ("k2", pa.uint64()), ("id", pa.int64())])
 BAND_SCHEMA = pa.schema([("band", pa.uint16()), ("key", pa.uint64()), ("id", pa.int64())])
-EXACT_REMOVED_SCHEMA = pa.schema([("id", pa.int64()), ("kept", pa.int64())])
-EDGE_SCHEMA = pa.schema([("a", pa.int64()), ("b", pa.int64())])
+ARC_SCHEMA = pa.schema([("u", pa.int64()), ("v", pa.int64())])  # one direction of an undirected edge
+ID_SCHEMA = pa.schema([("id", pa.int64())])
 REMOVED_SCHEMA = pa.schema([("id", pa.int64()), ("kept", pa.int64()), ("stage", pa.string())])
 
 
@@ -477,8 +480,7 @@ def match_partition(partition: int, settings: dict, work: str, units: list[dict]
     group_of = np.repeat(np.arange(len(starts)), ends - starts)
     kept = ids[starts][group_of]
     duplicate = ids != kept
-    files.write_bytes(f"{work}/match/{partition:05d}-exact.parquet", _parquet_bytes(pa.table(
-        {"id": ids[duplicate], "kept": kept[duplicate]}, schema=EXACT_REMOVED_SCHEMA)))
+    exact_ids, exact_kept = ids[duplicate], kept[duplicate]
 
     bands = _read_parquets(sorted(folder.glob("bands-*.parquet")), BAND_SCHEMA)
     band, key, ids = (bands[c].to_numpy() for c in ("band", "key", "id"))
@@ -487,8 +489,13 @@ def match_partition(partition: int, settings: dict, work: str, units: list[dict]
     starts, ends = _groups([band, key])
     pairs = _bucket_pairs(ids, starts, ends)
     edges = _verify(pairs, settings["threshold"], work, units)
-    files.write_bytes(f"{work}/match/{partition:05d}-edges.parquet", _parquet_bytes(pa.table(
-        {"a": edges[:, 0], "b": edges[:, 1]}, schema=EDGE_SCHEMA)))
+    # an exact copy is also an edge to its kept document: one graph, so each cluster keeps one document
+    publish_edges(f"{work}/components/{0:03d}", partition, np.concatenate([exact_ids, edges[:, 0]]),
+                  np.concatenate([exact_kept, edges[:, 1]]), settings["partitions"])
+    by_node = node_partition(exact_ids, settings["partitions"])
+    for p in np.unique(by_node).tolist():
+        files.write_bytes(f"{work}/exact/{p:05d}/from-{partition:05d}.parquet", _parquet_bytes(pa.table(
+            {"id": exact_ids[by_node == p]}, schema=ID_SCHEMA)))
     result = {"partition": partition, "exact_duplicates": int(duplicate.sum()), "candidates": len(pairs),
               "verified": len(edges)}
     files.write_json(f"{work}/match/{partition:05d}.json", result)
@@ -518,59 +525,101 @@ def _verify(pairs: np.ndarray, threshold: float, work: str, units: list[dict]) -
     return np.concatenate(kept)
 
 
-def components(edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(nodes, smallest id of each node's connected component), nodes sorted: min-label propagation with
-    pointer jumping, all in numpy (rounds grow with the log of the longest chain, not with the node count)."""
-    nodes, inverse = np.unique(edges.reshape(-1), return_inverse=True)
-    a, b = inverse.reshape(-1, 2).T
-    labels = np.arange(len(nodes))
-    while True:
-        smaller = np.minimum(labels[a], labels[b])
-        updated = labels.copy()
-        np.minimum.at(updated, a, smaller)
-        np.minimum.at(updated, b, smaller)
-        updated = updated[updated]
-        if np.array_equal(updated, labels):
-            return nodes, nodes[labels]
-        labels = updated
+def node_partition(ids: np.ndarray, partitions: int) -> np.ndarray:
+    """The partition that holds a document's edges in the components rounds: a SplitMix64 finalizer of its id,
+    so that the consecutive ids of one file spread over every partition."""
+    x = ids.astype(np.uint64)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return (x % np.uint64(partitions)).astype(np.int64)
 
 
-def resolve(settings: dict, work: str, units: list[dict]) -> dict:
-    """Which documents are removed as copies of which kept one, published per unit for the write stage."""
-    match = Path(work) / "match"
-    edges_table = _read_parquets(sorted(match.glob("*-edges.parquet")), EDGE_SCHEMA)
-    edges = np.stack([edges_table["a"].to_numpy(), edges_table["b"].to_numpy()], axis=1).astype(np.int64)
-    nodes, cluster = components(edges) if len(edges) else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+def _unique_arcs(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct (u, v) pairs, sorted by u then v."""
+    order = np.lexsort((v, u))
+    u, v = u[order], v[order]
+    if len(u):
+        keep = np.ones(len(u), dtype=bool)
+        keep[1:] = (u[1:] != u[:-1]) | (v[1:] != v[:-1])
+        u, v = u[keep], v[keep]
+    return u, v
 
-    def cluster_of(ids: np.ndarray) -> np.ndarray:
-        if not len(nodes):
-            return ids
-        at = np.minimum(np.searchsorted(nodes, ids), len(nodes) - 1)
-        return np.where(nodes[at] == ids, cluster[at], ids)
 
-    exact = _read_parquets(sorted(match.glob("*-exact.parquet")), EXACT_REMOVED_SCHEMA)
-    exact_ids, exact_kept = exact["id"].to_numpy(), exact["kept"].to_numpy()
-    fuzzy = (cluster != nodes) & ~np.isin(nodes, exact_ids)
-    ids = np.concatenate([exact_ids, nodes[fuzzy]])
-    kept = np.concatenate([cluster_of(exact_kept), cluster[fuzzy]])
-    stage = np.array(["exact"] * len(exact_ids) + ["fuzzy"] * int(fuzzy.sum()), dtype=object)
-    order = np.argsort(ids)
-    ids, kept, stage = ids[order], kept[order], stage[order]
+def publish_edges(folder: str, source: int, x: np.ndarray, y: np.ndarray, partitions: int) -> None:
+    """Undirected edges {x[i], y[i]} as the arcs u -> v and v -> u, each arc in the partition of u, so that a
+    task of the next round holds every neighbour of its nodes: `folder/<partition>/from-<source>.parquet`."""
+    u, v = np.concatenate([x, y]), np.concatenate([y, x])
+    part = node_partition(u, partitions)
+    for p in np.unique(part).tolist():
+        mask = part == p
+        pu, pv = _unique_arcs(u[mask], v[mask])
+        files.write_bytes(f"{folder}/{p:05d}/from-{source:05d}.parquet", _parquet_bytes(pa.table(
+            {"u": pu, "v": pv}, schema=ARC_SCHEMA)))
+
+
+def star_round(round_: int, partition: int, work: str, partitions: int) -> dict:
+    """One round of connected components by alternating large-star and small-star (Kiveris et al., 2014,
+    "Connected Components in MapReduce and Beyond") over the nodes of one partition.
+
+    A task holds the arcs of its partition only (each node with all its neighbours), so memory is set by
+    `partitions`, not by the corpus; rounds grow with the logarithm of the largest cluster. Even rounds are
+    large-star: each node links its larger neighbours to its smallest neighbour (or itself); they also test
+    whether every cluster is already a star around its smallest document, and write each node's label (that
+    smallest document). Odd rounds are small-star: each node links itself and its smaller neighbours to the
+    smallest of them.
+    """
+    folder = f"{work}/components/{round_:03d}"
+    table = _read_parquets(sorted(Path(folder, f"{partition:05d}").glob("*.parquet")), ARC_SCHEMA)
+    u, v = _unique_arcs(table["u"].to_numpy(), table["v"].to_numpy())
+    starts, ends = _groups([u])
+    nodes, degree, first = u[starts], ends - starts, v[starts]  # first: each node's smallest neighbour
+    group = np.repeat(np.arange(len(starts)), degree)
+    star = None
+    if round_ % 2 == 0:
+        smallest = np.minimum(nodes, first)
+        # a star: every node either has only larger neighbours (a centre) or one smaller neighbour (a leaf)
+        star = bool(np.all((first > nodes) | ((degree == 1) & (first < nodes))))
+        files.write_bytes(f"{folder}/labels-{partition:05d}.parquet", _parquet_bytes(pa.table(
+            {"u": nodes, "v": smallest}, schema=ARC_SCHEMA)))
+        larger = v > u
+        x, y = v[larger], smallest[group[larger]]
+    else:
+        has_smaller = first < nodes  # then `first` is the smallest of them
+        linked = (v < u) & (v != first[group])
+        x = np.concatenate([v[linked], nodes[has_smaller]])
+        y = np.concatenate([first[group[linked]], first[has_smaller]])
+    publish_edges(f"{work}/components/{round_ + 1:03d}", partition, x, y, partitions)
+    result = {"round": round_, "partition": partition, "nodes": len(nodes), "arcs": len(u), "star": star}
+    files.write_json(f"{folder}/{partition:05d}.json", result)
+    return result
+
+
+def resolve_partition(partition: int, labels_round: int, work: str, units: list[dict]) -> dict:
+    """The removed documents among one partition's nodes, each with the kept document of its cluster and the
+    stage that found it, published per input file for the write stage."""
+    labels = pq.read_table(f"{work}/components/{labels_round:03d}/labels-{partition:05d}.parquet")
+    nodes, cluster = labels["u"].to_numpy(), labels["v"].to_numpy()
+    exact_ids = _read_parquets(sorted(Path(work, "exact", f"{partition:05d}").glob("*.parquet")), ID_SCHEMA)
+    removed = nodes != cluster
+    ids, kept = nodes[removed], cluster[removed]
+    exact = np.isin(ids, exact_ids["id"].to_numpy())
     unit_of = ids >> ID_BITS
     for index in np.unique(unit_of).tolist():
         mask = unit_of == index
-        files.write_bytes(f"{work}/resolve/{units[index]['uid']}.parquet", _parquet_bytes(pa.table(
-            {"id": ids[mask], "kept": kept[mask], "stage": stage[mask].tolist()}, schema=REMOVED_SCHEMA)))
-    result = {"exact": len(exact_ids), "fuzzy": int(fuzzy.sum()), "clusters": len(np.unique(cluster))}
-    files.write_json(f"{work}/resolve.json", result)
+        stage = np.where(exact[mask], "exact", "fuzzy")
+        files.write_bytes(f"{work}/resolve/{units[index]['uid']}/{partition:05d}.parquet", _parquet_bytes(pa.table(
+            {"id": ids[mask], "kept": kept[mask], "stage": stage.tolist()}, schema=REMOVED_SCHEMA)))
+    result = {"partition": partition, "exact": int(exact.sum()), "fuzzy": int((~exact).sum()),
+              "clusters": int((~removed).sum())}
+    files.write_json(f"{work}/resolve/{partition:05d}.json", result)
     return result
 
 
 def write_unit(unit: dict, settings: dict, work: str, out: str, units: list[dict]) -> dict:
     """The kept documents of one input, in RedPajama jsonl; its removed documents into duplicates/."""
     uid = unit["uid"]
-    removed_path = Path(f"{work}/resolve/{uid}.parquet")
-    removed = pq.read_table(removed_path).to_pylist() if removed_path.exists() else []
+    removed = _read_parquets(sorted(Path(work, "resolve", uid).glob("*.parquet")), REMOVED_SCHEMA).to_pylist()
     copies = {row["id"] & ((1 << ID_BITS) - 1): row for row in removed}
     rejected = np.load(f"{work}/scan/{uid}/removed.npy")
     kept_lines: dict[int, np.ndarray] = {}
@@ -631,6 +680,26 @@ def _run_tasks(stage: str, items: list[Any], task: Callable[[Any], dict], concur
         log.info("dedup %s: %d of %d done", stage, finished, len(items))
         if on_progress is not None:
             on_progress(stage, finished, len(items))
+
+
+def _components(stage: Callable[[str, list[Any], Callable[[Any], dict]], None], partitions: int,
+                work: str) -> int:
+    """Run star rounds until every cluster is a star (`work/components.json` records it); the round whose
+    labels are final."""
+    if _done(f"{work}/components.json"):
+        return files.read_json(f"{work}/components.json")["labels_round"]
+    round_ = 0
+    while True:
+        ledger = f"{work}/components/{round_:03d}"
+        stage("components", [p for p in range(partitions) if not _done(f"{ledger}/{p:05d}.json")],
+              functools.partial(star_round, round_, work=work, partitions=partitions))
+        results = [files.read_json(f"{ledger}/{p:05d}.json") for p in range(partitions)]
+        log.info("dedup components: round %d, %d arcs (largest partition %d)", round_,
+                 sum(r["arcs"] for r in results), max(r["arcs"] for r in results))
+        if round_ % 2 == 0 and all(r["star"] for r in results):
+            files.write_json(f"{work}/components.json", {"labels_round": round_, "rounds": round_ + 1})
+            return round_
+        round_ += 1
 
 
 def _done(ledger: str) -> bool:
@@ -696,8 +765,9 @@ def run_dedup(config: DedupConfig, on_progress: Progress | None = None) -> dict:
           lambda u: scan_unit(u, settings, work, index))
     stage("match", [p for p in range(config.partitions) if not _done(f"{work}/match/{p:05d}.json")],
           lambda p: match_partition(p, settings, work, units))
-    if not _done(f"{work}/resolve.json"):
-        resolve(settings, work, units)
+    labels_round = _components(stage, config.partitions, work)
+    stage("resolve", [p for p in range(config.partitions) if not _done(f"{work}/resolve/{p:05d}.json")],
+          lambda p: resolve_partition(p, labels_round, work, units))
     stage("write", [u for u in units if not _done(f"{work}/write/{u['uid']}.json")],
           lambda u: write_unit(u, settings, work, out, units))
 

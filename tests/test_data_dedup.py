@@ -146,17 +146,21 @@ def test_the_result_does_not_depend_on_input_order_partitions_or_concurrency(cor
     assert output_bytes(tmp_path) == output_bytes(result[0])
 
 
-def test_a_run_killed_midway_resumes_with_nothing_lost_or_doubled(corpus, result, tmp_path):
-    def stop_in_the_match_stage(stage: str, finished: int, to_run: int) -> None:
-        if stage == "match" and finished == 2:
-            raise RuntimeError(f"stopping after {finished} of {to_run} partitions, as if the run had crashed")
+STAGES = ["scan", "match", "components", "resolve", "write"]
+
+
+@pytest.mark.parametrize("stopped", STAGES[1:])
+def test_a_run_killed_midway_resumes_with_nothing_lost_or_doubled(stopped, corpus, result, tmp_path):
+    def stop_midway(stage: str, finished: int, to_run: int) -> None:
+        if stage == stopped and finished == 2:
+            raise RuntimeError(f"stopping after {finished} of {to_run} {stage} tasks, as if the run had crashed")
 
     with pytest.raises(RuntimeError, match="crashed"):
-        run(corpus["inputs"], tmp_path, on_progress=stop_in_the_match_stage)
+        run(corpus["inputs"], tmp_path, on_progress=stop_midway)
     assert json.loads((tmp_path / "dedup.json").read_text())["finished"] is False
     resumed: list[tuple[str, int]] = []
     manifest = run(corpus["inputs"], tmp_path, on_progress=lambda stage, n, total: resumed.append((stage, total)))
-    assert ("scan", 4) not in resumed and ("match", 4) not in resumed  # finished work is not redone
+    assert not {stage for stage, _ in resumed} & set(STAGES[:STAGES.index(stopped)])  # finished work not redone
     assert output_bytes(tmp_path) == output_bytes(result[0])
     assert manifest["stats"]["total"] == result[1]["stats"]["total"]
 
@@ -221,9 +225,69 @@ def test_estimated_jaccard_tracks_the_true_jaccard_of_13_grams():
     assert abs(float(estimate) - true) < 0.08
 
 
-def test_components_give_each_node_the_smallest_id_of_its_cluster():
-    nodes, cluster = dedup.components(np.array([[5, 9], [9, 2], [7, 8], [2, 30]], dtype=np.int64))
-    assert dict(zip(nodes.tolist(), cluster.tolist(), strict=True)) == {2: 2, 5: 2, 9: 2, 30: 2, 7: 7, 8: 7}
+def star_components(edges: np.ndarray, work: Path, partitions: int) -> tuple[dict[int, int], int, int]:
+    """({node: label}, rounds, most arcs one task held) from the product's star rounds, run in-process in order
+    (the Ray stages run the same functions, one task per partition)."""
+    dedup.publish_edges(f"{work}/components/000", 0, edges[:, 0], edges[:, 1], partitions)
+    round_, largest = 0, 0
+    while True:
+        results = [dedup.star_round(round_, p, str(work), partitions) for p in range(partitions)]
+        largest = max(largest, *(r["arcs"] for r in results))
+        if round_ % 2 == 0 and all(r["star"] for r in results):
+            break
+        round_ += 1
+    labels = {}
+    for p in range(partitions):
+        table = pq.read_table(work / "components" / f"{round_:03d}" / f"labels-{p:05d}.parquet")
+        labels.update(zip(table["u"].to_pylist(), table["v"].to_pylist(), strict=True))
+    return labels, round_ + 1, largest
+
+
+def union_find_labels(edges: np.ndarray) -> dict[int, int]:
+    """The smallest node of each node's connected component, by a plain union-find (the reference)."""
+    parent: dict[int, int] = {}
+
+    def root(x: int) -> int:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in edges.tolist():
+        ra, rb = root(a), root(b)
+        parent[max(ra, rb)] = min(ra, rb)
+    return {x: root(x) for x in parent}
+
+
+def test_star_rounds_label_each_node_with_the_smallest_id_of_its_cluster(tmp_path):
+    labels, _, _ = star_components(np.array([[5, 9], [9, 2], [7, 8], [2, 30]], dtype=np.int64), tmp_path, 3)
+    assert labels == {2: 2, 5: 2, 9: 2, 30: 2, 7: 7, 8: 7}
+
+
+@pytest.mark.parametrize("shape", ["path", "clique", "random"])
+def test_star_rounds_equal_union_find_on_long_dense_and_random_graphs(shape, tmp_path):
+    rng = np.random.default_rng(0)
+    ids = (rng.integers(0, 50, 400) << dedup.ID_BITS) + rng.integers(0, 1 << 20, 400)  # ids as scan makes them
+    if shape == "path":  # the worst case for label propagation: a chain through ids in random order
+        edges = np.stack([ids[:-1], ids[1:]], axis=1)
+    elif shape == "clique":
+        i, j = np.triu_indices(30, k=1)
+        edges = np.stack([ids[i], ids[j]], axis=1)
+    else:
+        edges = ids[rng.integers(0, len(ids), (300, 2))]
+        edges = edges[edges[:, 0] != edges[:, 1]]
+    labels, rounds, _ = star_components(edges, tmp_path, 4)
+    assert labels == union_find_labels(edges)
+    assert rounds <= 2 * int(np.log2(len(ids))) + 4
+
+
+def test_a_star_round_task_holds_its_partition_of_the_graph_not_all_of_it(tmp_path):
+    rng = np.random.default_rng(1)
+    pairs = rng.choice(1 << 40, size=(3000, 2), replace=False)  # many small clusters, as in a real corpus
+    _, _, whole = star_components(pairs, tmp_path / "one", 1)
+    labels, _, largest = star_components(pairs, tmp_path / "eight", 8)
+    assert labels == union_find_labels(pairs)
+    assert largest <= whole / 4
 
 
 def test_the_command_line_writes_the_corpus_and_logs_to_mlflow(corpus, tmp_path, monkeypatch, capsys):
