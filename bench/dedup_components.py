@@ -55,7 +55,7 @@ def publish(edges_path: str, work: str, partitions: int) -> None:
     from openllama.data import dedup
 
     edges = np.load(edges_path)
-    dedup.publish_edges(f"{work}/components/000", 0, edges[:, 0], edges[:, 1], partitions)
+    dedup.publish_edges(f"{work}/components/000", "edges", edges[:, 0], edges[:, 1], partitions)
 
 
 def run_rounds(work: str, partitions: int) -> dict:

@@ -8,15 +8,21 @@ Its stages are sets of Ray Data tasks whose results are published whole with a l
 (`OUT/work/<stage>/<item>.json`), so a killed run resumes where it stopped and redoes no finished item:
 
 1. scan, one task per input file: validate, filter, decontaminate; hash each document's normalized text (exact
-   stage) and MinHash its character 13-grams (fuzzy stage); write the keys into `partitions` hash partitions.
-2. match, one task per partition: exact groups (same key) and LSH buckets (same band) of that partition only,
-   bucket pairs verified by the estimated Jaccard of their signatures: memory is the partition, not the corpus.
-   Exact copies and verified pairs become the edges of one graph, partitioned by document.
-3. components, rounds of one task per partition (`star_round`) until every cluster is a star around its
-   smallest document id; ids order documents by (subset, file path, position), so the document kept does not
+   stage) and MinHash its character 13-grams (fuzzy stage); write the keys into `partitions` hash partitions,
+   and each signature into the partition of its document.
+2. match, one task per partition: exact groups (same key) and LSH buckets (same band) of that partition only:
+   memory is the partition, not the corpus. Exact copies become edges of one graph, partitioned by document;
+   bucket pairs become candidates.
+3. pair and verify, one task per partition each: a candidate pair picks up the signature of its first document
+   in that document's partition, then is verified against its second one's in that one's (the estimated
+   Jaccard of the signatures); verified pairs join the graph.
+4. components, rounds of one task per partition (`star_round`) until every cluster is a star around its
+   smallest document id; ids order documents by (subset, file path, line), so the document kept does not
    depend on input order, partitions or workers.
-4. resolve, one task per partition: the removed documents and the kept one of each, per input file.
-5. write, one task per input file: the kept documents, and the removed ones into `duplicates/`.
+5. resolve, one task per partition: the removed documents and the kept one of each, per input file.
+6. write, one task per input file: the kept documents, and the removed ones into `duplicates/`.
+
+Every file goes through `openllama.files`, so OUT can be a bucket; no task reads another's files at random.
 
 How to choose presets, thresholds and filters, and what each removes on the shipped sample: docs/dedup.md.
 """
@@ -33,7 +39,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 import unicodedata
 import zlib
@@ -44,6 +49,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import yaml
 
@@ -55,7 +61,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "openllama-dedup-v1"
 Progress = Callable[[str, int, int], None]  # (stage, items finished, items to run), in the driver after each item
-ID_BITS = 32  # a document id is (unit index << 32) | position in its file: ids sort as (subset, path, position)
+ID_BITS = 32  # a document id is (unit index << 32) | its line in its file: ids sort as (subset, path, line)
 ALL_PAIRS_BUCKET = 16  # buckets up to this size verify every pair; larger ones each member against two others
 
 GOPHER_RULES = (
@@ -89,7 +95,7 @@ class DedupConfig:
     the output (`partitions` does not either: any count gives the same result, it only bounds memory)."""
 
     inputs: list[str]  # RedPajama root or subset folders, .jsonl/.jsonl.zst files or globs (local or URI)
-    out: str  # output folder (local): the kept corpus in RedPajama layout, duplicates/, rejected/, stats.json
+    out: str  # output folder (local or URI): the kept corpus in RedPajama layout, duplicates/, rejected/, stats.json
     exact: bool = True  # remove documents equal after NFC, whitespace collapsing and case folding
     fuzzy: bool = True  # remove near-duplicates: MinHash LSH over character 13-grams
     preset: Literal["default", "slimpajama"] = "default"  # permutations, bands and rows (minhash.PRESETS)
@@ -117,8 +123,7 @@ class DedupConfig:
         unknown = [f for f in self.filters if f not in FILTERS and f not in FILTER_GROUPS]
         if unknown:
             raise ConfigError(f"filters: unknown filter {unknown[0]!r}; allowed: {[*FILTER_GROUPS, *FILTERS]}")
-        if files.is_uri(self.out):
-            raise ConfigError(f"out={self.out}: dedup writes to a local (or mounted) folder; copy it up afterwards")
+        files.check_location(self.out)
 
     def filter_names(self) -> list[str]:
         """The filters to apply, groups expanded, in FILTERS order (the first that fails is the reason)."""
@@ -326,14 +331,22 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def _read_parquets(paths: Iterable[Path], schema: pa.Schema) -> pa.Table:
-    tables = [pq.read_table(p) for p in paths if p.exists()]
+def _tables_in(folder: str, prefix: str = "") -> list[str]:
+    """The published `prefix*.parquet` files in `folder` (local or in a bucket): never what a crashed writer left
+    under a temporary name."""
+    names = ((path, path.rsplit("/", 1)[-1]) for path in files.files_under(folder))
+    return [path for path, name in names if name.startswith(prefix) and name.endswith(".parquet")]
+
+
+def _read_parquets(locations: Iterable[str], schema: pa.Schema) -> pa.Table:
+    tables = [pq.read_table(pa.BufferReader(files.read_bytes(location))) for location in locations]
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
 EXACT_SCHEMA = pa.schema([("k1", pa.uint64()), ("k2", pa.uint64()), ("id", pa.int64())])
 BAND_SCHEMA = pa.schema([("band", pa.uint16()), ("key", pa.uint64()), ("id", pa.int64())])
 ARC_SCHEMA = pa.schema([("u", pa.int64()), ("v", pa.int64())])  # one direction of an undirected edge
+PAIR_SCHEMA = pa.schema([("a", pa.int64()), ("b", pa.int64())])  # an LSH candidate pair, a < b
 ID_SCHEMA = pa.schema([("id", pa.int64())])
 REMOVED_SCHEMA = pa.schema([("id", pa.int64()), ("kept", pa.int64()), ("stage", pa.string())])
 
@@ -371,7 +384,8 @@ def scan_unit(unit: dict, settings: dict, work: str, index: dict[str, Any]) -> d
     a, b = minhash.permutations(preset.num_perm, settings["seed"])
     partitions = settings["partitions"]
     uid, path = unit["uid"], unit["path"]
-    lines, removed, keys, signatures, rejected = [], [], [], [], []
+    lines: list[int] = []
+    removed, keys, signatures, rejected = [], [], [], []
     reasons: Counter[str] = Counter()
     contaminated: Counter[str] = Counter()
     for record in redpajama.read_records(path, settings["max_doc_bytes"]):
@@ -390,6 +404,8 @@ def scan_unit(unit: dict, settings: dict, work: str, index: dict[str, Any]) -> d
             reasons[reason] += 1
             rejected.append({"source": path, "line": record.line, "subset": unit["subset"], "reason": reason,
                              "detail": detail})
+        if record.line >= 1 << ID_BITS:
+            raise commands.BadInput(f"{path}: more than {(1 << ID_BITS) - 1:,} lines; split the file")
         lines.append(record.line)
         removed.append(reason is not None)
         keys.append(exact_key(record.text) if reason is None and settings["exact"] else b"")
@@ -397,9 +413,8 @@ def scan_unit(unit: dict, settings: dict, work: str, index: dict[str, Any]) -> d
             hashes = minhash.ngram_hashes(minhash.fuzzy_normalize(record.text)) if reason is None else None
             signatures.append(minhash.signature(hashes, a, b) if hashes is not None and len(hashes) else None)
 
-    ids = (np.int64(unit["index"]) << np.int64(ID_BITS)) + np.arange(len(lines), dtype=np.int64)
+    ids = (np.int64(unit["index"]) << np.int64(ID_BITS)) + np.array(lines, dtype=np.int64)
     folder = f"{work}/scan/{uid}"
-    files.write_bytes(f"{folder}/lines.npy", _npy_bytes(np.array(lines, dtype=np.int64)))
     files.write_bytes(f"{folder}/removed.npy", _npy_bytes(np.array(removed, dtype=bool)))
     files.write_bytes(f"{folder}/rejected.parquet", _parquet_bytes(pa.Table.from_pylist(
         rejected, schema=pa.schema([("source", pa.string()), ("line", pa.int64()), ("subset", pa.string()),
@@ -410,18 +425,21 @@ def scan_unit(unit: dict, settings: dict, work: str, index: dict[str, Any]) -> d
         raw = np.frombuffer(b"".join(k for k in keys if k), dtype=np.uint64).reshape(-1, 2)
         exact = pa.table({"k1": raw[:, 0], "k2": raw[:, 1], "id": ids[has_key]}, schema=EXACT_SCHEMA)
         tables["exact"] = _split(exact, raw[:, 0] % np.uint64(partitions), partitions)
-    if settings["fuzzy"]:
-        signed = np.array([s is not None for s in signatures], dtype=bool)
-        full = np.full((len(lines), preset.num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
-        if signed.any():
-            full[signed] = np.stack([s for s in signatures if s is not None])
-            bands = minhash.band_keys(full[signed], preset)
-            band_ids = np.repeat(ids[signed], preset.bands)
-            band_numbers = np.tile(np.arange(preset.bands, dtype=np.uint16), int(signed.sum()))
-            flat = bands.reshape(-1)
-            table = pa.table({"band": band_numbers, "key": flat, "id": band_ids}, schema=BAND_SCHEMA)
-            tables["bands"] = _split(table, flat % np.uint64(partitions), partitions)
-        files.write_bytes(f"{folder}/signatures.npy", _npy_bytes(full))
+    signed = np.array([s is not None for s in signatures], dtype=bool)
+    if signed.any():
+        matrix = np.stack([s for s in signatures if s is not None])
+        bands = minhash.band_keys(matrix, preset)
+        band_ids = np.repeat(ids[signed], preset.bands)
+        band_numbers = np.tile(np.arange(preset.bands, dtype=np.uint16), int(signed.sum()))
+        flat = bands.reshape(-1)
+        table = pa.table({"band": band_numbers, "key": flat, "id": band_ids}, schema=BAND_SCHEMA)
+        tables["bands"] = _split(table, flat % np.uint64(partitions), partitions)
+        # each signature goes where the verify tasks of its document look for it: the partition of its id
+        by_node = node_partition(ids[signed], partitions)
+        for q in np.unique(by_node).tolist():
+            mask = by_node == q
+            files.write_bytes(f"{work}/signatures/{q:05d}/{uid}.parquet",
+                              _parquet_bytes(_signature_table(ids[signed][mask], matrix[mask])))
     for kind, parts in tables.items():
         for p, part in enumerate(parts):
             if part.num_rows:
@@ -469,10 +487,10 @@ def _bucket_pairs(ids: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.n
     return np.unique(np.concatenate(pairs), axis=0)
 
 
-def match_partition(partition: int, settings: dict, work: str, units: list[dict]) -> dict:
-    """Exact groups and verified LSH pairs among the keys of one partition."""
-    folder = Path(work) / "partitions" / f"{partition:05d}"
-    exact = _read_parquets(sorted(folder.glob("exact-*.parquet")), EXACT_SCHEMA)
+def match_partition(partition: int, settings: dict, work: str) -> dict:
+    """Exact groups and LSH candidate pairs among the keys of one partition."""
+    folder = f"{work}/partitions/{partition:05d}"
+    exact = _read_parquets(_tables_in(folder, "exact-"), EXACT_SCHEMA)
     k1, k2, ids = (exact[c].to_numpy() for c in ("k1", "k2", "id"))
     order = np.lexsort((ids, k2, k1))
     k1, k2, ids = k1[order], k2[order], ids[order]
@@ -481,48 +499,110 @@ def match_partition(partition: int, settings: dict, work: str, units: list[dict]
     kept = ids[starts][group_of]
     duplicate = ids != kept
     exact_ids, exact_kept = ids[duplicate], kept[duplicate]
+    # an exact copy is also an edge to its kept document: one graph, so each cluster keeps one document
+    publish_edges(f"{work}/components/{0:03d}", f"exact-{partition:05d}", exact_ids, exact_kept,
+                  settings["partitions"])
+    by_node = node_partition(exact_ids, settings["partitions"])
+    for q in np.unique(by_node).tolist():
+        files.write_bytes(f"{work}/exact/{q:05d}/from-{partition:05d}.parquet", _parquet_bytes(pa.table(
+            {"id": exact_ids[by_node == q]}, schema=ID_SCHEMA)))
 
-    bands = _read_parquets(sorted(folder.glob("bands-*.parquet")), BAND_SCHEMA)
+    bands = _read_parquets(_tables_in(folder, "bands-"), BAND_SCHEMA)
     band, key, ids = (bands[c].to_numpy() for c in ("band", "key", "id"))
     order = np.lexsort((ids, key, band))
     band, key, ids = band[order], key[order], ids[order]
     starts, ends = _groups([band, key])
     pairs = _bucket_pairs(ids, starts, ends)
-    edges = _verify(pairs, settings["threshold"], work, units)
-    # an exact copy is also an edge to its kept document: one graph, so each cluster keeps one document
-    publish_edges(f"{work}/components/{0:03d}", partition, np.concatenate([exact_ids, edges[:, 0]]),
-                  np.concatenate([exact_kept, edges[:, 1]]), settings["partitions"])
-    by_node = node_partition(exact_ids, settings["partitions"])
-    for p in np.unique(by_node).tolist():
-        files.write_bytes(f"{work}/exact/{p:05d}/from-{partition:05d}.parquet", _parquet_bytes(pa.table(
-            {"id": exact_ids[by_node == p]}, schema=ID_SCHEMA)))
-    result = {"partition": partition, "exact_duplicates": int(duplicate.sum()), "candidates": len(pairs),
-              "verified": len(edges)}
+    _publish_by_node(f"{work}/pairs", partition, pairs[:, 0], {"a": pairs[:, 0], "b": pairs[:, 1]}, PAIR_SCHEMA,
+                     settings["partitions"])
+    result = {"partition": partition, "exact_duplicates": int(duplicate.sum()), "candidates": len(pairs)}
     files.write_json(f"{work}/match/{partition:05d}.json", result)
     return result
 
 
-def _verify(pairs: np.ndarray, threshold: float, work: str, units: list[dict]) -> np.ndarray:
-    """The pairs whose signatures agree in at least `threshold` of their entries (memory-mapped reads)."""
-    if not len(pairs):
-        return pairs
-    signatures = {}
-    for index in np.unique(pairs >> ID_BITS).tolist():
-        signatures[index] = np.load(f"{work}/scan/{units[index]['uid']}/signatures.npy", mmap_mode="r")
+def _signature_table(ids: np.ndarray, matrix: np.ndarray) -> pa.Table:
+    """Signatures as (id, sig) rows, `sig` the row's uint32 entries as one fixed-size binary value."""
+    width = matrix.shape[1] * 4
+    sig = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(ids),
+                                               [None, pa.py_buffer(np.ascontiguousarray(matrix).tobytes())])
+    return pa.table({"id": pa.array(ids, pa.int64()), "sig": sig})
 
-    def rows(ids: np.ndarray) -> np.ndarray:
-        out = np.empty((len(ids), next(iter(signatures.values())).shape[1]), dtype=np.uint32)
-        unit, position = ids >> ID_BITS, ids & ((1 << ID_BITS) - 1)
-        for index in np.unique(unit).tolist():
-            mask = unit == index
-            out[mask] = signatures[index][position[mask]]
-        return out
 
-    kept = []
-    for start in range(0, len(pairs), 1 << 15):
-        chunk = pairs[start:start + (1 << 15)]
-        kept.append(chunk[minhash.estimated_jaccard(rows(chunk[:, 0]), rows(chunk[:, 1])) >= threshold - 1e-9])
-    return np.concatenate(kept)
+def _signature_matrix(column: pa.ChunkedArray | pa.Array, num_perm: int) -> np.ndarray:
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if not len(array):
+        return np.zeros((0, num_perm), dtype=np.uint32)
+    data = np.frombuffer(array.buffers()[1], dtype=np.uint32, count=len(array) * num_perm,
+                         offset=array.offset * num_perm * 4)
+    return data.reshape(len(array), num_perm)
+
+
+def _signatures_of(partition: int, work: str, num_perm: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted ids, their signatures) of the documents of one partition."""
+    table = _read_parquets(_tables_in(f"{work}/signatures/{partition:05d}"),
+                           pa.schema([("id", pa.int64()), ("sig", pa.binary(num_perm * 4))]))
+    ids = table["id"].to_numpy()
+    order = np.argsort(ids)
+    return ids[order], _signature_matrix(table["sig"], num_perm)[order]
+
+
+def _lookup(ids: np.ndarray, known: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The rows of `ids` among the sorted `known` ids (every id must be there)."""
+    at = np.searchsorted(known, ids)
+    if len(ids) and (at.max() >= len(known) or not np.array_equal(known[at], ids)):
+        raise RuntimeError("a candidate document has no signature: the scan's files are incomplete")
+    return rows[at]
+
+
+def _publish_by_node(folder: str, source: int, nodes: np.ndarray, columns: dict[str, Any], schema: pa.Schema,
+                     partitions: int) -> None:
+    """Rows of `columns` into `folder/<partition of nodes[i]>/from-<source>.parquet`."""
+    by_node = node_partition(nodes, partitions)
+    for q in np.unique(by_node).tolist():
+        mask = by_node == q
+        files.write_bytes(f"{folder}/{q:05d}/from-{source:05d}.parquet", _parquet_bytes(pa.table(
+            {name: column[mask] for name, column in columns.items()}, schema=schema)))
+
+
+def pair_partition(partition: int, settings: dict, work: str) -> dict:
+    """The candidate pairs whose first document is in this partition, with its signature attached, sent on to
+    the partition of their second document: signatures travel with pairs, never read at random."""
+    num_perm = minhash.PRESETS[settings["preset"]].num_perm
+    pairs = _read_parquets(_tables_in(f"{work}/pairs/{partition:05d}"), PAIR_SCHEMA)
+    a, b = _unique_arcs(pairs["a"].to_numpy(), pairs["b"].to_numpy())
+    known, rows = _signatures_of(partition, work, num_perm)
+    signature_a = _lookup(a, known, rows)
+    schema = pa.schema([("a", pa.int64()), ("b", pa.int64()), ("sig", pa.binary(num_perm * 4))])
+    by_node = node_partition(b, settings["partitions"])
+    for q in np.unique(by_node).tolist():
+        mask = by_node == q
+        table = _signature_table(a[mask], signature_a[mask])
+        table = pa.table({"a": table["id"], "b": pa.array(b[mask], pa.int64()), "sig": table["sig"]}, schema=schema)
+        files.write_bytes(f"{work}/signed-pairs/{q:05d}/from-{partition:05d}.parquet", _parquet_bytes(table))
+    result = {"partition": partition, "candidates": len(a)}
+    files.write_json(f"{work}/pair/{partition:05d}.json", result)
+    return result
+
+
+def verify_partition(partition: int, settings: dict, work: str) -> dict:
+    """The candidate pairs whose second document is in this partition whose signatures agree in at least
+    `threshold` of their entries (the estimated Jaccard), published as edges of the components graph."""
+    num_perm = minhash.PRESETS[settings["preset"]].num_perm
+    pairs = _read_parquets(_tables_in(f"{work}/signed-pairs/{partition:05d}"),
+                           pa.schema([("a", pa.int64()), ("b", pa.int64()), ("sig", pa.binary(num_perm * 4))]))
+    a, b = pairs["a"].to_numpy(), pairs["b"].to_numpy()
+    signature_a = _signature_matrix(pairs["sig"], num_perm)
+    known, rows = _signatures_of(partition, work, num_perm)
+    verified = np.zeros(len(a), dtype=bool)
+    for start in range(0, len(a), 1 << 15):
+        chunk = slice(start, start + (1 << 15))
+        estimate = minhash.estimated_jaccard(signature_a[chunk], _lookup(b[chunk], known, rows))
+        verified[chunk] = estimate >= settings["threshold"] - 1e-9
+    publish_edges(f"{work}/components/{0:03d}", f"fuzzy-{partition:05d}", a[verified], b[verified],
+                  settings["partitions"])
+    result = {"partition": partition, "candidates": len(a), "verified": int(verified.sum())}
+    files.write_json(f"{work}/verify/{partition:05d}.json", result)
+    return result
 
 
 def node_partition(ids: np.ndarray, partitions: int) -> np.ndarray:
@@ -546,15 +626,15 @@ def _unique_arcs(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return u, v
 
 
-def publish_edges(folder: str, source: int, x: np.ndarray, y: np.ndarray, partitions: int) -> None:
+def publish_edges(folder: str, source: str, x: np.ndarray, y: np.ndarray, partitions: int) -> None:
     """Undirected edges {x[i], y[i]} as the arcs u -> v and v -> u, each arc in the partition of u, so that a
-    task of the next round holds every neighbour of its nodes: `folder/<partition>/from-<source>.parquet`."""
+    task of the next round holds every neighbour of its nodes: `folder/<partition>/<source>.parquet`."""
     u, v = np.concatenate([x, y]), np.concatenate([y, x])
     part = node_partition(u, partitions)
     for p in np.unique(part).tolist():
         mask = part == p
         pu, pv = _unique_arcs(u[mask], v[mask])
-        files.write_bytes(f"{folder}/{p:05d}/from-{source:05d}.parquet", _parquet_bytes(pa.table(
+        files.write_bytes(f"{folder}/{p:05d}/{source}.parquet", _parquet_bytes(pa.table(
             {"u": pu, "v": pv}, schema=ARC_SCHEMA)))
 
 
@@ -570,7 +650,7 @@ def star_round(round_: int, partition: int, work: str, partitions: int) -> dict:
     smallest of them.
     """
     folder = f"{work}/components/{round_:03d}"
-    table = _read_parquets(sorted(Path(folder, f"{partition:05d}").glob("*.parquet")), ARC_SCHEMA)
+    table = _read_parquets(_tables_in(f"{folder}/{partition:05d}"), ARC_SCHEMA)
     u, v = _unique_arcs(table["u"].to_numpy(), table["v"].to_numpy())
     starts, ends = _groups([u])
     nodes, degree, first = u[starts], ends - starts, v[starts]  # first: each node's smallest neighbour
@@ -589,7 +669,7 @@ def star_round(round_: int, partition: int, work: str, partitions: int) -> dict:
         linked = (v < u) & (v != first[group])
         x = np.concatenate([v[linked], nodes[has_smaller]])
         y = np.concatenate([first[group[linked]], first[has_smaller]])
-    publish_edges(f"{work}/components/{round_ + 1:03d}", partition, x, y, partitions)
+    publish_edges(f"{work}/components/{round_ + 1:03d}", f"round-{partition:05d}", x, y, partitions)
     result = {"round": round_, "partition": partition, "nodes": len(nodes), "arcs": len(u), "star": star}
     files.write_json(f"{folder}/{partition:05d}.json", result)
     return result
@@ -598,9 +678,9 @@ def star_round(round_: int, partition: int, work: str, partitions: int) -> dict:
 def resolve_partition(partition: int, labels_round: int, work: str, units: list[dict]) -> dict:
     """The removed documents among one partition's nodes, each with the kept document of its cluster and the
     stage that found it, published per input file for the write stage."""
-    labels = pq.read_table(f"{work}/components/{labels_round:03d}/labels-{partition:05d}.parquet")
+    labels = _read_parquets([f"{work}/components/{labels_round:03d}/labels-{partition:05d}.parquet"], ARC_SCHEMA)
     nodes, cluster = labels["u"].to_numpy(), labels["v"].to_numpy()
-    exact_ids = _read_parquets(sorted(Path(work, "exact", f"{partition:05d}").glob("*.parquet")), ID_SCHEMA)
+    exact_ids = _read_parquets(_tables_in(f"{work}/exact/{partition:05d}"), ID_SCHEMA)
     removed = nodes != cluster
     ids, kept = nodes[removed], cluster[removed]
     exact = np.isin(ids, exact_ids["id"].to_numpy())
@@ -618,11 +698,10 @@ def resolve_partition(partition: int, labels_round: int, work: str, units: list[
 
 def write_unit(unit: dict, settings: dict, work: str, out: str, units: list[dict]) -> dict:
     """The kept documents of one input, in RedPajama jsonl; its removed documents into duplicates/."""
-    uid = unit["uid"]
-    removed = _read_parquets(sorted(Path(work, "resolve", uid).glob("*.parquet")), REMOVED_SCHEMA).to_pylist()
-    copies = {row["id"] & ((1 << ID_BITS) - 1): row for row in removed}
-    rejected = np.load(f"{work}/scan/{uid}/removed.npy")
-    kept_lines: dict[int, np.ndarray] = {}
+    uid, line_mask = unit["uid"], (1 << ID_BITS) - 1
+    removed = _read_parquets(_tables_in(f"{work}/resolve/{uid}"), REMOVED_SCHEMA).to_pylist()
+    copies = {row["id"] & line_mask: row for row in removed}
+    rejected = np.load(io.BytesIO(files.read_bytes(f"{work}/scan/{uid}/removed.npy")))
     duplicates = []
     kept = kept_bytes = position = 0
     with files.open_output(f"{out}/{unit['output']}") as stream:
@@ -632,16 +711,13 @@ def write_unit(unit: dict, settings: dict, work: str, out: str, units: list[dict
             at, position = position, position + 1
             if rejected[at]:
                 continue
-            if at in copies:
-                row = copies[at]
-                source = units[row["kept"] >> ID_BITS]
-                lines = kept_lines.setdefault(source["index"], np.load(f"{work}/scan/{source['uid']}/lines.npy",
-                                                                       mmap_mode="r"))
+            if record.line in copies:
+                row = copies[record.line]
+                source, kept_line = units[row["kept"] >> ID_BITS], row["kept"] & line_mask
                 duplicates.append({
                     "id": f"{unit['output']}:{record.line}", "source": unit["path"], "line": record.line,
-                    "subset": unit["subset"], "stage": row["stage"],
-                    "kept_id": f"{source['output']}:{int(lines[row['kept'] & ((1 << ID_BITS) - 1)])}",
-                    "kept_source": source["path"], "kept_line": int(lines[row["kept"] & ((1 << ID_BITS) - 1)]),
+                    "subset": unit["subset"], "stage": row["stage"], "kept_id": f"{source['output']}:{kept_line}",
+                    "kept_source": source["path"], "kept_line": kept_line,
                 })
                 continue
             stream.write(json.dumps({"text": record.text, "meta": json.loads(record.meta)},
@@ -703,7 +779,7 @@ def _components(stage: Callable[[str, list[Any], Callable[[Any], dict]], None], 
 
 
 def _done(ledger: str) -> bool:
-    return Path(ledger).is_file()
+    return files.is_file(ledger)
 
 
 def task_pack() -> Path:
@@ -717,7 +793,7 @@ def run_dedup(config: DedupConfig, on_progress: Progress | None = None) -> dict:
     `on_progress(stage, finished, to_run)` is called in the driver after each task of each stage.
     """
     units = plan_units([str(i) for i in config.inputs])
-    out = str(Path(config.out).absolute())
+    out = config.out.rstrip("/") if files.is_uri(config.out) else str(Path(config.out).absolute())
     items = eval_items(config.decontaminate, task_pack())
     index = contamination_index(items, config.decontaminate_ngram, config.decontaminate_min_words)
     settings = {
@@ -729,9 +805,13 @@ def run_dedup(config: DedupConfig, on_progress: Progress | None = None) -> dict:
         "partitions": config.partitions, "max_doc_bytes": config.max_doc_bytes, "format": FORMAT,
     }
     manifest_path = f"{out}/dedup.json"
-    if Path(out).exists() and not Path(out).is_dir():
+    try:
+        found = files.kind(out)
+        previous = files.read_json(manifest_path) if files.is_file(manifest_path) else None
+    except OSError as error:
+        raise commands.BadInput(f"--out {config.out} cannot be read: {error}") from None
+    if found == pafs.FileType.File:
         raise commands.BadInput(f"--out {config.out} is a file, not a folder")
-    previous = files.read_json(manifest_path) if Path(manifest_path).is_file() else None
     if previous is not None:
         if previous.get("settings") != settings:
             differs = sorted(k for k in settings if previous.get("settings", {}).get(k) != settings[k])
@@ -740,16 +820,18 @@ def run_dedup(config: DedupConfig, on_progress: Progress | None = None) -> dict:
         if previous.get("finished") is True:
             log.info("%s is finished and up to date; reusing it", config.out)
             return previous
-    elif Path(out).is_dir() and any(Path(out).iterdir()):
+    elif found == pafs.FileType.Directory and files.files_under(out):
         raise commands.BadInput(f"--out {config.out} is not empty and holds no dedup run; choose a new folder")
     manifest = {"format": FORMAT, "finished": False, "settings": settings}
     try:
         files.write_json(manifest_path, manifest)
     except OSError as error:
-        raise commands.BadInput(f"--out {config.out} cannot be written: {error.strerror or error}") from None
+        raise commands.BadInput(f"--out {config.out} cannot be written: {getattr(error, 'strerror', None) or error}"
+                                ) from None
     work = f"{out}/work"
-    for folder in (Path(work), Path(out)):
-        files.remove_temporaries(folder)
+    if not files.is_uri(out):  # what crashed local writers left (an object store has no temporaries)
+        for folder in (Path(out), *(p for p in Path(out).rglob("*") if p.is_dir())):
+            files.remove_temporaries(folder)
     started = time.perf_counter()
     connected = False
 
@@ -763,10 +845,15 @@ def run_dedup(config: DedupConfig, on_progress: Progress | None = None) -> dict:
 
     stage("scan", [u for u in units if not _done(f"{work}/scan/{u['uid']}.json")],
           lambda u: scan_unit(u, settings, work, index))
-    stage("match", [p for p in range(config.partitions) if not _done(f"{work}/match/{p:05d}.json")],
-          lambda p: match_partition(p, settings, work, units))
+    partitions = range(config.partitions)
+    stage("match", [p for p in partitions if not _done(f"{work}/match/{p:05d}.json")],
+          lambda p: match_partition(p, settings, work))
+    stage("pair", [p for p in partitions if not _done(f"{work}/pair/{p:05d}.json")],
+          lambda p: pair_partition(p, settings, work))
+    stage("verify", [p for p in partitions if not _done(f"{work}/verify/{p:05d}.json")],
+          lambda p: verify_partition(p, settings, work))
     labels_round = _components(stage, config.partitions, work)
-    stage("resolve", [p for p in range(config.partitions) if not _done(f"{work}/resolve/{p:05d}.json")],
+    stage("resolve", [p for p in partitions if not _done(f"{work}/resolve/{p:05d}.json")],
           lambda p: resolve_partition(p, labels_round, work, units))
     stage("write", [u for u in units if not _done(f"{work}/write/{u['uid']}.json")],
           lambda u: write_unit(u, settings, work, out, units))
@@ -778,7 +865,7 @@ def run_dedup(config: DedupConfig, on_progress: Progress | None = None) -> dict:
     files.write_json(f"{out}/stats.json", stats)
     manifest.update(finished=True, stats=stats)
     files.write_json(manifest_path, manifest)
-    shutil.rmtree(work, ignore_errors=True)  # keys and signatures: only a resumed run needs them
+    files.remove_tree(work)  # keys, signatures and the graph: only a resumed run needs them
     if config.track and os.environ.get("MLFLOW_TRACKING_URI"):
         _log_to_mlflow(settings, stats, config.out)
     return manifest
@@ -840,7 +927,7 @@ def parser() -> argparse.ArgumentParser:
                     "`data tokenize` take OUT as their input. A rerun of the same command finishes a killed run.")
     p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="RedPajama root or subset folders, .jsonl/.jsonl.zst files or globs (local or gs://, s3://)")
-    p.add_argument("--out", help="output folder (required)")
+    p.add_argument("--out", help="output folder, local or gs://, s3:// (required)")
     p.add_argument("--preset", choices=list(minhash.PRESETS),
                    help=f"MinHash permutations and LSH bands (default: {d.preset}; slimpajama: 9 bands x 13 rows)")
     p.add_argument("--threshold", type=float, help=f"estimated Jaccard of a near-duplicate (default: {d.threshold})")

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import harness
+from openllama import files
 from openllama.data import dedup, minhash, redpajama
 
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "redpajama"
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample" / "redpajama"
+OPENLLAMA = str(Path(sys.executable).parent / "openllama")
 BOOLQ_PASSAGE = json.loads((dedup.task_pack() / "data" / "boolq.jsonl").read_text().splitlines()[0])["passage"]
 
 
@@ -146,7 +152,7 @@ def test_the_result_does_not_depend_on_input_order_partitions_or_concurrency(cor
     assert output_bytes(tmp_path) == output_bytes(result[0])
 
 
-STAGES = ["scan", "match", "components", "resolve", "write"]
+STAGES = ["scan", "match", "pair", "verify", "components", "resolve", "write"]
 
 
 @pytest.mark.parametrize("stopped", STAGES[1:])
@@ -163,6 +169,43 @@ def test_a_run_killed_midway_resumes_with_nothing_lost_or_doubled(stopped, corpu
     assert not {stage for stage, _ in resumed} & set(STAGES[:STAGES.index(stopped)])  # finished work not redone
     assert output_bytes(tmp_path) == output_bytes(result[0])
     assert manifest["stats"]["total"] == result[1]["stats"]["total"]
+
+
+def test_a_bucket_to_bucket_run_killed_midway_equals_the_local_run(corpus, result, s3_server, bucket):
+    """Inputs and OUT on the S3-protocol test server, through the command line: every stage's files go through
+    the bucket (nothing is memory-mapped or listed locally), and a run SIGKILLed in the verify stage finishes
+    when the same command runs again."""
+    root = corpus["root"]
+    for path in sorted(root.rglob("*.jsonl")):
+        files.copy_file(path, f"{bucket}/in/{path.relative_to(root)}")
+    out = f"{bucket}/dedup"
+    command = [OPENLLAMA, "data", "dedup", f"{bucket}/in/rp", f"{bucket}/in/sample", "--out", out,
+               "--partitions", "4", "--concurrency", "1", "--no-track"]
+    env = harness.clean_env(**s3_server.env)
+    proc = harness.start(command, env, cwd=REPO)
+    try:
+        harness.wait_for(lambda: files.is_file(f"{out}/work/verify/00000.json"), 240, "the first verify task", proc,
+                         poll=0.05)
+    finally:
+        harness.kill_group(proc)
+    assert not files.read_json(f"{out}/dedup.json")["finished"]
+    rerun = harness.run(command, env, timeout=300, cwd=REPO)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert files.read_json(f"{out}/dedup.json")["stats"]["total"] == result[1]["stats"]["total"]
+    published = {p.removeprefix(f"{out}/"): files.read_bytes(p) for p in files.files_under(out)}
+    local = output_bytes(result[0])
+    corpus_files = sorted(k for k in local if k.endswith(".jsonl"))
+    assert corpus_files and {k: published[k] for k in corpus_files} == {k: local[k] for k in corpus_files}
+    assert not any(k.startswith("work/") for k in published)  # the run's scratch is removed when it finishes
+
+    def rows(table: pa.Table, prefix: str) -> list[dict]:
+        found = [{k: v.removeprefix(prefix) if isinstance(v, str) else v for k, v in r.items()} for r in
+                 table.to_pylist()]
+        return sorted(found, key=lambda r: r["id"])
+
+    remote = pa.concat_tables([pq.read_table(pa.BufferReader(v)) for k, v in published.items()
+                               if k.startswith("duplicates/")])
+    assert rows(remote, f"{bucket}/in/") == rows(pq.read_table(result[0] / "duplicates"), f"{root}/")
 
 
 def test_a_finished_run_is_reused_and_other_settings_are_refused(corpus, result):
@@ -228,7 +271,7 @@ def test_estimated_jaccard_tracks_the_true_jaccard_of_13_grams():
 def star_components(edges: np.ndarray, work: Path, partitions: int) -> tuple[dict[int, int], int, int]:
     """({node: label}, rounds, most arcs one task held) from the product's star rounds, run in-process in order
     (the Ray stages run the same functions, one task per partition)."""
-    dedup.publish_edges(f"{work}/components/000", 0, edges[:, 0], edges[:, 1], partitions)
+    dedup.publish_edges(f"{work}/components/000", "edges", edges[:, 0], edges[:, 1], partitions)
     round_, largest = 0, 0
     while True:
         results = [dedup.star_round(round_, p, str(work), partitions) for p in range(partitions)]
