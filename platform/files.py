@@ -29,7 +29,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from openllama.commands import BadInput
+from openllama.commands import BadInput, WorkFailed
 
 CHUNK_BYTES = 1 << 20
 
@@ -77,6 +77,22 @@ def filesystem(path: str | Path) -> tuple[pafs.FileSystem, str]:
     return _bucket_filesystem(scheme, rest.split("/", 1)[0]), rest.rstrip("/")
 
 
+def check_bucket(location: str) -> None:
+    """Fail before any work when the bucket of URI `location` is missing (BadInput) or cannot be reached
+    (WorkFailed): a listing of a missing bucket is merely empty, and the first write would fail hours later."""
+    scheme, rest = check_location(location).split("://", 1)
+    bucket = rest.split("/", 1)[0]
+    try:
+        found = _bucket_filesystem(scheme, bucket).get_file_info(bucket).type
+    except OSError as error:
+        reason = " ".join(str(error).split())
+        raise WorkFailed(f"{scheme}://{bucket} cannot be reached ({reason}); check the network and the endpoint "
+                         "and credentials in the environment (AWS_ENDPOINT_URL, ...)") from None
+    if found == pafs.FileType.NotFound:
+        raise BadInput(f"{location}: the bucket {scheme}://{bucket} does not exist (or these credentials may not "
+                       "see it); create it or choose another location")
+
+
 def join(root: str, *parts: str) -> str:
     """`root`/parts for a local path or a URI alike."""
     return "/".join([root.rstrip("/"), *parts])
@@ -108,6 +124,16 @@ def files_under(folder: str | Path) -> list[str]:
     found = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     prefix = folder.split("://", 1)[0] + "://" if is_uri(folder) and not folder.startswith("file://") else ""
     return sorted(prefix + info.path for info in found if info.type == pafs.FileType.File)
+
+
+def names_in(folder: str | Path) -> list[str]:
+    """The names directly inside `folder` (files and folders, not below), sorted; none when it is missing.
+
+    One listing request on a bucket, where `files_under` would list every object of every step checkpoint.
+    """
+    fs, path = filesystem(folder)
+    found = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    return sorted(info.base_name for info in found)
 
 
 def glob_files(pattern: str) -> list[str]:
@@ -231,6 +257,27 @@ def remove_tree(location: str | Path) -> None:
     fs, path = filesystem(location)
     if kind(location) == pafs.FileType.Directory:
         fs.delete_dir(path)
+
+
+def copy_tree(source: str | Path, target: str | Path) -> None:
+    """Every file below `source` (or the file `source`) to the same place below `target`, between a local
+    folder and a bucket either way, several files at a time; files already at `target` are replaced.
+
+    Not atomic: the caller marks the copy complete (a step checkpoint's state.json is written after it).
+    """
+    source_fs, source_path = filesystem(source)
+    target_fs, target_path = filesystem(target)
+    if isinstance(target_fs, pafs.LocalFileSystem):  # a single file's folder is not made by copy_files
+        os.makedirs(os.path.dirname(target_path), exist_ok=True)
+    pafs.copy_files(source_path, target_path, source_filesystem=source_fs, destination_filesystem=target_fs,
+                    chunk_size=8 * CHUNK_BYTES)
+
+
+def remove_file(location: str | Path) -> None:
+    """Delete one file, local or in a bucket; nothing there is not an error."""
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
 
 
 def sha256_of(source: str | Path) -> str:

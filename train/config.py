@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from openllama import files
 from openllama.config import ConfigError, load
+from openllama.train.checkpoint import DEFAULT_STAGING
 from openllama.train.model import LlamaConfig
 from openllama.train.tpu import check_slice
 
@@ -92,6 +94,9 @@ class ScalingSection:
 class CheckpointSection:
     every_steps: int = 100  # and always at the end
     keep: int = 3  # newest complete step checkpoints kept
+    # node-local scratch through which each process uploads and downloads its part of a checkpoint when
+    # output_dir is a bucket; default <system temp>/openllama-staging
+    staging_dir: str | None = None
 
 
 @dataclass
@@ -121,7 +126,9 @@ class DeviceSection:
 @dataclass
 class TrainConfig:
     name: str = "tiny-cpu"
-    output_dir: str = "runs"  # the run lives in <output_dir>/<name>: checkpoints, Ray Train state, MLflow id
+    # the run lives in <output_dir>/<name>: checkpoints, Ray Train state, MLflow id. A folder every host mounts,
+    # or a bucket (s3://..., gs://...; endpoint and credentials from the environment)
+    output_dir: str = "runs"
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
@@ -134,14 +141,24 @@ class TrainConfig:
     device: DeviceSection = field(default_factory=DeviceSection)
 
     @property
-    def run_dir(self) -> Path:
+    def run_dir(self) -> Path | str:
+        """The run's folder: a local Path, or a URI string when output_dir is a bucket."""
+        if files.is_uri(self.output_dir):
+            return files.join(self.output_dir, self.name)
         return Path(self.output_dir).absolute() / self.name
 
     @property
+    def staging_dir(self) -> Path:
+        return Path(self.checkpoint.staging_dir or DEFAULT_STAGING).absolute()
+
+    @property
     def compilation_cache_dir(self) -> Path | None:
+        """JAX's cache of compiled steps; beside the run's output, or in staging when that is a bucket (JAX
+        writes its cache to local paths only)."""
         if not self.device.compilation_cache:
             return None
-        return Path(self.device.compilation_cache_dir or Path(self.output_dir) / "jax_cache").absolute()
+        default = self.staging_dir if files.is_uri(self.output_dir) else Path(self.output_dir)
+        return Path(self.device.compilation_cache_dir or default / "jax_cache").absolute()
 
     def llama(self) -> LlamaConfig:
         m = self.model
@@ -188,6 +205,12 @@ def validate(config: TrainConfig, device_count: int | None = None) -> None:
     for name, value in positive.items():
         if value < 1:
             raise ConfigError(f"{name}={value} must be at least 1")
+    files.check_location(config.output_dir)
+    local = {"checkpoint.staging_dir": config.checkpoint.staging_dir,
+             "device.compilation_cache_dir": config.device.compilation_cache_dir}
+    for name, value in local.items():
+        if value is not None and files.is_uri(value):
+            raise ConfigError(f"{name}={value} must be a local folder (node-local scratch), not a URI")
     if t.seq_len > llama.max_position_embeddings:
         raise ConfigError(
             f"train.seq_len={t.seq_len} exceeds model.max_position_embeddings={llama.max_position_embeddings}"

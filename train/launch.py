@@ -17,13 +17,14 @@ import socket
 import tempfile
 from pathlib import Path
 
+import pyarrow.fs as pafs
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 from openllama import commands, files, ray_jobs, tracking
 from openllama.config import build, redact_tree, to_dict
 from openllama.data import tokenize, tokenizer
 from openllama.data.shards import DatasetNotFinished, PackedDataset
-from openllama.train.checkpoint import MODEL_JSON, TOKENIZER, RunDir
+from openllama.train.checkpoint import MODEL_JSON, TOKENIZER, RunDir, under
 from openllama.train.config import TrainConfig, load_config, validate
 from openllama.train.convert import registry
 from openllama.train.convert.hf import write_hf
@@ -71,12 +72,17 @@ class RayReportHook(Hook):
     def __init__(self, rank: int):
         self.rank = rank
 
-    def on_checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
+    def on_checkpoint(self, step: int, path: Path | str, metrics: dict[str, float]) -> None:
         # only ever called inside a Ray Train worker, where Ray is already set up
         import ray.train
         from ray.train.v2.api.report_config import CheckpointUploadMode
 
-        checkpoint = ray.train.Checkpoint.from_directory(str(path)) if self.rank == 0 else None
+        checkpoint = None
+        if self.rank == 0 and files.is_uri(path):  # named on the filesystem of Ray Train's storage (`ray_storage`)
+            filesystem, fs_path = files.filesystem(path)
+            checkpoint = ray.train.Checkpoint(fs_path, filesystem=filesystem)
+        elif self.rank == 0:
+            checkpoint = ray.train.Checkpoint.from_directory(str(path))
         ray.train.report({"step": step, "loss": metrics["loss"]}, checkpoint=checkpoint,
                          checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
@@ -151,15 +157,18 @@ def finish_tracking_run(config: TrainConfig, run_id: str | None, succeeded: bool
     latest = RunDir(config.run_dir).latest()
     try:
         client = tracking.client()
-        config_file = config.run_dir / "train_config.json"
-        config_file.write_text(json.dumps(redact_tree(to_dict(config)), indent=2))
-        client.log_artifact(run_id, str(config_file), "config")
-        if succeeded and latest:
-            checkpoint = latest[1]
-            client.set_tag(run_id, "checkpoint", str(checkpoint))
-            client.log_artifact(run_id, str(checkpoint / MODEL_JSON), "checkpoint")
-            if (checkpoint / TOKENIZER).is_file():
-                client.log_artifact(run_id, str(checkpoint / TOKENIZER), "tokenizer")
+        with tempfile.TemporaryDirectory(prefix="openllama-artifacts-") as folder:  # MLflow logs local files
+            config_file = Path(folder) / "train_config.json"
+            config_file.write_text(json.dumps(redact_tree(to_dict(config)), indent=2))
+            files.copy_file(config_file, under(config.run_dir, config_file.name))
+            client.log_artifact(run_id, str(config_file), "config")
+            if succeeded and latest:
+                checkpoint = latest[1]
+                client.set_tag(run_id, "checkpoint", str(checkpoint))
+                for name, artifact_path in ((MODEL_JSON, "checkpoint"), (TOKENIZER, "tokenizer")):
+                    if files.is_file(under(checkpoint, name)):
+                        files.copy_file(under(checkpoint, name), Path(folder, artifact_path, name))
+                        client.log_artifact(run_id, str(Path(folder, artifact_path, name)), artifact_path)
         client.set_terminated(run_id, "FINISHED" if succeeded else "FAILED")
     except Exception as error:
         log.warning("MLflow: could not record the end of run %s (%s)", run_id, error)
@@ -168,14 +177,17 @@ def finish_tracking_run(config: TrainConfig, run_id: str | None, succeeded: bool
         register_final_model(config, run_id, latest[1])
 
 
-def register_final_model(config: TrainConfig, run_id: str, checkpoint: Path) -> registry.ModelVersion | None:
+def register_final_model(config: TrainConfig, run_id: str, checkpoint: Path | str) -> registry.ModelVersion | None:
     """`checkpoint` as the next version of model `config.name` in MLflow's registry, linked to run `run_id`.
 
-    Exported to a temporary folder in the run directory and registered from there. A failure is one logged
-    line, never an error: the checkpoint is the training's result, and `export-hf --register` registers it later.
+    Exported to a temporary folder in the run directory (in staging for a bucket run) and registered from
+    there. A failure is one logged line, never an error: the checkpoint is the training's result, and
+    `export-hf --register` registers it later.
     """
+    scratch = config.staging_dir if files.is_uri(config.run_dir) else config.run_dir
     try:
-        with tempfile.TemporaryDirectory(prefix=".register-", dir=config.run_dir) as folder:
+        Path(scratch).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".register-", dir=scratch) as folder:
             write_hf(checkpoint, Path(folder))
             version = registry.register_export(folder, config.name, run_id, checkpoint)
     except Exception as error:
@@ -222,6 +234,7 @@ def fit(config: TrainConfig, address: str | None = None):
         accelerator_type=s.accelerator_type, resources_per_worker=resources,
     )
     run_id = open_tracking_run(config)
+    storage_path, storage_filesystem = ray_storage(config)
     trainer = JaxTrainer(
         train_loop,
         train_loop_config={"config": to_dict(config), "tracking_run_id": run_id,
@@ -229,7 +242,7 @@ def fit(config: TrainConfig, address: str | None = None):
         jax_config=JaxConfigWithCpu(use_tpu=s.use_tpu, use_gpu=s.use_gpu),
         scaling_config=scaling,
         run_config=RunConfig(
-            name=config.name, storage_path=str(config.run_dir.parent),
+            name=config.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=s.max_failures),
         ),
     )
@@ -250,6 +263,15 @@ def fit(config: TrainConfig, address: str | None = None):
     finally:
         finish_tracking_run(config, run_id, succeeded=result is not None and result.error is None)
     return result
+
+
+def ray_storage(config: TrainConfig) -> tuple[str, pafs.FileSystem | None]:
+    """(storage_path, storage_filesystem) for Ray Train's RunConfig: output_dir, and for a bucket the
+    filesystem this project opens it with, so a checkpoint reported on it (`RayReportHook`) is Ray Train's own."""
+    if not files.is_uri(config.output_dir):
+        return str(Path(config.run_dir).parent), None
+    filesystem, path = files.filesystem(config.output_dir)
+    return path, filesystem
 
 
 def gcs_answers(address: str, timeout: float = 5.0) -> bool:
@@ -284,6 +306,8 @@ def main(argv: list[str]) -> int:
         if args.print_config:
             print(json.dumps(to_dict(config), indent=2))
             return 0
+        if files.is_uri(config.output_dir):  # a bucket that is missing or unreachable: one line, before any work
+            files.check_bucket(config.output_dir)
         ray_jobs.connect(args.address)
         ensure_dataset(config)
         if config.train.init_from:  # a source that cannot start this run fails here, before any worker

@@ -9,6 +9,7 @@ and in the tests, faults), so the loop itself has one job.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -54,8 +55,8 @@ class Hook:
     def after_step(self, step: int, metrics: dict[str, float]) -> None:
         """After step `step` (1-based: the number of updates done) with its metrics."""
 
-    def on_checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
-        """After the checkpoint of `step` is complete on every process."""
+    def on_checkpoint(self, step: int, path: Path | str, metrics: dict[str, float]) -> None:
+        """After the checkpoint of `step` is complete on every process (`path` a URI for a bucket run)."""
 
     def on_finish(self, result: dict[str, float] | None, error: BaseException | None) -> None:
         """At the end of this attempt: the final result, or the error that ended it."""
@@ -119,7 +120,7 @@ class Trainer:
         self.config = config
         self.hooks = list(hooks)
         self.llama = config.llama()
-        self.run = RunDir(config.run_dir)
+        self.run = RunDir(config.run_dir, staging=config.staging_dir)
         self.rank = jax.process_index()
         validate(config, jax.device_count())
         self.program = make_program(config, jax.devices(), self.llama)
@@ -147,6 +148,8 @@ class Trainer:
         if self.rank == 0:
             for path in self.run.remove_partial_checkpoints():
                 log.warning("removing partial checkpoint %s (a save that did not finish)", path)
+        if self.run.in_bucket:  # what a crashed attempt of this process left on its way to or from the bucket
+            shutil.rmtree(self.run.process_staging(), ignore_errors=True)
         multihost_utils.sync_global_devices("partial checkpoints removed")
         latest = self.run.latest()
         if latest is None and self.config.train.init_from:
@@ -159,7 +162,7 @@ class Trainer:
             return self.program.init_state()
         step_number, path = latest
         log.info("resuming from %s (step %d)", path, step_number)
-        state, _ = restore_step(path, self.program.abstract_state)
+        state, _ = restore_step(path, self.program.abstract_state, staging=self.run.process_staging())
         state["step"] = jax.device_put(np.int32(step_number), self.program.state_shardings["step"])
         return state
 
@@ -177,7 +180,7 @@ class Trainer:
         metrics = heldout_metrics(score, self.validation, batch, rows_per_subset=self.config.eval.batches * batch)
         return {f"val/{name}": value for name, value in metrics.items()}
 
-    def save(self, state: dict) -> Path:
+    def save(self, state: dict) -> Path | str:
         done = int(state["step"])
         info = {"seed": self.config.train.seed, "tokens_seen": done * self.tokens_per_step,
                 "data_position": {"step": done}}
