@@ -7,8 +7,8 @@ completes, so there the bytes go straight to the target.
 
 This is also the one filesystem layer of the data side: local paths, gs:// and s3:// all go through
 pyarrow's filesystems. Endpoints and credentials come from the standard environment (AWS_ENDPOINT_URL,
-AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, ...), never from a URI, so
-a location can be logged, recorded in a manifest or shown in an error without leaking a secret.
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, STORAGE_EMULATOR_HOST, ...), never
+from a URI, so a location can be logged, recorded in a manifest or shown in an error without leaking a secret.
 """
 
 from __future__ import annotations
@@ -60,9 +60,16 @@ def check_location(location: str | Path) -> str:
 SCHEMES = ("s3", "gs", "gcs", "file")
 
 
+GCS_EMULATOR = "STORAGE_EMULATOR_HOST"  # the Google client libraries' setting for a GCS emulator's endpoint
+
+
 @functools.lru_cache(maxsize=64)
 def _bucket_filesystem(scheme: str, bucket: str) -> pafs.FileSystem:
     """One filesystem object per bucket: making one can cost a request (S3 resolves the bucket's region)."""
+    emulator = os.environ.get(GCS_EMULATOR)
+    if scheme in ("gs", "gcs") and emulator:  # pyarrow's GCS client reads no endpoint from the environment
+        protocol, _, host = emulator.rpartition("://")
+        return pafs.GcsFileSystem(anonymous=True, endpoint_override=host, scheme=protocol or "http")
     return pafs.FileSystem.from_uri(f"{scheme}://{bucket}")[0]
 
 
@@ -129,9 +136,14 @@ def files_under(folder: str | Path) -> list[str]:
 def names_in(folder: str | Path) -> list[str]:
     """The names directly inside `folder` (files and folders, not below), sorted; none when it is missing.
 
-    One listing request on a bucket, where `files_under` would list every object of every step checkpoint.
+    One listing request on S3, where `files_under` would list every object of every step checkpoint.
     """
     fs, path = filesystem(folder)
+    if isinstance(fs, pafs.GcsFileSystem):
+        # pyarrow's GCS listing reports folders only by their marker objects, and uploads make none: the names
+        # come from every object below instead (one request per thousand objects)
+        found = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+        return sorted({info.path[len(path):].lstrip("/").split("/", 1)[0] for info in found})
     found = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
     return sorted(info.base_name for info in found)
 
@@ -256,7 +268,11 @@ def remove_tree(location: str | Path) -> None:
     """Delete a folder and everything under it, local or a bucket prefix; nothing there is not an error."""
     fs, path = filesystem(location)
     if kind(location) == pafs.FileType.Directory:
-        fs.delete_dir(path)
+        fs.delete_dir_contents(path, missing_dir_ok=True)
+        try:
+            fs.delete_dir(path)
+        except FileNotFoundError:  # a prefix of uploaded objects has no folder marker to delete (GCS)
+            pass
 
 
 def copy_tree(source: str | Path, target: str | Path) -> None:

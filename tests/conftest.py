@@ -86,6 +86,24 @@ def bucket(s3_server, monkeypatch: pytest.MonkeyPatch) -> str:
     return f"s3://{s3_server.new_bucket()}"
 
 
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory: pytest.TempPathFactory):
+    """A GCS emulator on 127.0.0.1; `.env` points clients at it (STORAGE_EMULATOR_HOST), `.new_bucket()`."""
+    from object_store import start_gcs_server
+
+    server = start_gcs_server(tmp_path_factory.mktemp("gcs_server"), owner_pid=os.getpid())
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server, monkeypatch: pytest.MonkeyPatch) -> str:
+    """gs://<a new bucket>, with this process's environment pointing at the emulator for the test."""
+    for key, value in gcs_server.env.items():
+        monkeypatch.setenv(key, value)
+    return f"gs://{gcs_server.new_bucket()}"
+
+
 # --- the fault report: one row per fault test (`make faults`, tests/harness.py) ------------------------------
 
 OUTCOME = pytest.StashKey[str]()
