@@ -1,6 +1,7 @@
 """Training end to end on a real packed dataset: in one process, and under Ray Train's JaxTrainer with
-1 and 2 real worker processes (one jax.distributed system over gloo), a killed worker, a resumed run.
-Faults come from outside the product: a worker SIGKILLed by the test, a train step wrapped by the test."""
+1 and 2 real worker processes (one jax.distributed system over gloo), a run resumed onto another mesh.
+Faults come from outside the product: a train step wrapped by the test. (A worker SIGKILLed mid-run is in
+tests/faults/test_train_faults.py; 2 workers against 1, on two hosts, in tests/test_multihost.py.)"""
 
 from __future__ import annotations
 
@@ -116,28 +117,6 @@ def one_worker(ray_head, base, tmp_path_factory) -> Finished:
 
 
 @pytest.fixture(scope="module")
-def two_workers_killed(ray_head, base, tmp_path_factory, mlflow_server) -> Finished:
-    """dp=2 over 2 worker processes; once the step-5 checkpoint is complete the test SIGKILLs a worker
-    process and Ray Train restarts the group, which resumes from the newest checkpoint."""
-    out = tmp_path_factory.mktemp("two_workers")
-    overrides = [*base, f"output_dir={out}", "scaling.num_workers=2", "scaling.max_failures=1"]
-    env = harness.clean_env(**ray_head.env, MLFLOW_TRACKING_URI=mlflow_server.uri)
-    proc = harness.start([sys.executable, "-m", "openllama.cli", "train", "tiny-cpu", *overrides], env, cwd=REPO)
-    config = load_config("tiny-cpu", overrides)
-    try:
-        harness.wait_for(lambda: RunDir(config.run_dir).latest(), 400, "the step-5 checkpoint", proc)
-        victim = harness.wait_for(lambda: harness.train_workers(ray_head), 30, "the train workers", proc)[0]
-        victim.kill()
-        out_text, err_text = proc.communicate(timeout=500)
-    except BaseException:
-        harness.kill_group(proc)
-        raise
-    assert proc.returncode == 0, out_text[-3000:] + err_text[-3000:]
-    (config.run_dir / "killed_worker").write_text(str(victim.pid))
-    return Finished(config, RunDir(config.run_dir).tracking_run_id(), mlflow_server.uri)
-
-
-@pytest.fixture(scope="module")
 def fsdp_resumed(ray_head, base, one_worker, tmp_path_factory) -> Finished:
     """fsdp=2 over 2 workers, resumed from the 1-worker run's step-5 checkpoint."""
     out = tmp_path_factory.mktemp("fsdp_resumed")
@@ -198,24 +177,6 @@ def test_nonfinite_loss_is_skipped_when_configured(base, tmp_path):
 
 
 # --- under Ray Train -------------------------------------------------------------------------------------
-
-
-def test_two_workers_give_the_same_loss_per_step_as_one(one_worker, two_workers_killed):
-    single, double = one_worker.losses(), two_workers_killed.losses()
-    assert sorted(single) == sorted(double) == list(range(1, STEPS + 1))
-    for step in single:
-        assert abs(single[step] - double[step]) <= 1e-5, step
-
-
-def test_killed_worker_run_ends_with_the_parameters_of_an_uninterrupted_run(one_worker, two_workers_killed):
-    assert (two_workers_killed.config.run_dir / "killed_worker").exists()  # the fault did happen
-    assert_same_params(two_workers_killed.final_params(), one_worker.final_params(), atol=1e-5)
-
-
-def test_restarted_run_logs_each_step_once_in_mlflow(two_workers_killed):
-    history = two_workers_killed.history()
-    assert sorted(history) == list(range(1, STEPS + 1))
-    assert all(len(values) == 1 for values in history.values())
 
 
 def test_fsdp_run_resumed_from_a_one_worker_checkpoint_continues_the_same_curve(one_worker, fsdp_resumed):
