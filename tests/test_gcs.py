@@ -14,10 +14,12 @@ import pytest
 
 import harness
 from openllama import commands, files
+from openllama.config import ConfigError
 from openllama.data import tokenize
 from openllama.data.shards import PackedDataset, write_dataset
 from openllama.train.checkpoint import RunDir, load_model
 from openllama.train.config import load_config
+from openllama.train.convert import sources
 from openllama.train.trainer import Hook, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,5 +94,13 @@ def test_a_run_in_a_gcs_bucket_resumes_from_its_newest_checkpoint(gcs_bucket, tm
     assert [step for step, _ in run.complete_checkpoints()] == [3, 6]
     _, params, _ = load_model(f"{gcs_bucket}/runs/tiny-cpu")  # fetched from the bucket, as eval and export do
     _, expected, _ = load_model(RunDir(tmp_path / "local" / "tiny-cpu").latest()[1])
-    for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(expected), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+    # and as a new run starting from it reads it (train.init_from=gs://...)
+    llama = load_config("tiny-cpu", base).llama()
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    assert sources.kind_of(f"{gcs_bucket}/runs/tiny-cpu") == "ours"
+    start = sources.load_params(f"{gcs_bucket}/runs/tiny-cpu", llama, jax.tree.map(lambda _: device, expected))
+    for x, y, z in zip(jax.tree.leaves(params), jax.tree.leaves(start), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(z), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(y), np.asarray(z), atol=1e-5)
+    with pytest.raises(ConfigError, match="copy a Hugging Face directory"):
+        sources.kind_of(f"{gcs_bucket}/hf-model")

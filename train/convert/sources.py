@@ -3,7 +3,8 @@ directory, or an EasyLM file (`params::FILE` and the other load types), read int
 
 Each parameter is placed straight into its sharding: from our checkpoints orbax reads only the shards a
 process holds, from safetensors only the slices its devices hold, and an EasyLM file is streamed one
-tensor at a time; no host holds the whole model. The architecture must be the run's (`model.*`); a field
+tensor at a time; no host holds the whole model. A run in a bucket is first fetched into local staging
+(`checkpoint.fetch_model`: its weights, once per host). The architecture must be the run's (`model.*`); a field
 that differs is named.
 """
 
@@ -15,8 +16,10 @@ from typing import Any
 
 import jax
 import numpy as np
+import pyarrow.fs as pafs
 from safetensors import safe_open
 
+from openllama import files
 from openllama.config import ConfigError
 from openllama.train import checkpoint
 from openllama.train.convert import easylm, hf
@@ -31,6 +34,12 @@ ARCHITECTURE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_la
 
 def kind_of(source: str) -> str:
     """`ours`, `hf` or `easylm`, from what the path holds (an EasyLM file may name its load type)."""
+    if files.is_uri(source.split("::", 1)[-1]):  # a training run in a bucket (output_dir=s3://..., gs://...)
+        if "::" not in source and (checkpoint.is_model_checkpoint(source)
+                                   or files.kind(files.join(source, "checkpoints")) == pafs.FileType.Directory):
+            return "ours"
+        raise ConfigError(f"train.init_from={source}: from a bucket, only a training run or one of its step "
+                          "checkpoints is read; copy a Hugging Face directory or an EasyLM file to local disk first")
     path = Path(source.split("::", 1)[-1])
     if "::" in source or path.is_file():
         return "easylm"
