@@ -118,7 +118,8 @@ def test_a_head_whose_owner_process_dies_is_stopped(tmp_path):
         owner.kill()
         owner.wait()
         deadline = time.monotonic() + 60
-        while head.pids() and time.monotonic() < deadline:
+        # the watchdog stops the group, then removes the temp dir: wait for both
+        while (head.pids() or Path(head.temp_dir).exists()) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not head.pids()
         assert not Path(head.temp_dir).exists()
