@@ -435,11 +435,7 @@ def scan_unit(unit: dict, settings: dict, work: str, index: dict[str, Any]) -> d
         table = pa.table({"band": band_numbers, "key": flat, "id": band_ids}, schema=BAND_SCHEMA)
         tables["bands"] = _split(table, flat % np.uint64(partitions), partitions)
         # each signature goes where the verify tasks of its document look for it: the partition of its id
-        by_node = node_partition(ids[signed], partitions)
-        for q in np.unique(by_node).tolist():
-            mask = by_node == q
-            files.write_bytes(f"{work}/signatures/{q:05d}/{uid}.parquet",
-                              _parquet_bytes(_signature_table(ids[signed][mask], matrix[mask])))
+        _publish_by_node(f"{work}/signatures", uid, ids[signed], _signature_table(ids[signed], matrix), partitions)
     for kind, parts in tables.items():
         for p, part in enumerate(parts):
             if part.num_rows:
@@ -502,10 +498,8 @@ def match_partition(partition: int, settings: dict, work: str) -> dict:
     # an exact copy is also an edge to its kept document: one graph, so each cluster keeps one document
     publish_edges(f"{work}/components/{0:03d}", f"exact-{partition:05d}", exact_ids, exact_kept,
                   settings["partitions"])
-    by_node = node_partition(exact_ids, settings["partitions"])
-    for q in np.unique(by_node).tolist():
-        files.write_bytes(f"{work}/exact/{q:05d}/from-{partition:05d}.parquet", _parquet_bytes(pa.table(
-            {"id": exact_ids[by_node == q]}, schema=ID_SCHEMA)))
+    _publish_by_node(f"{work}/exact", f"from-{partition:05d}", exact_ids,
+                     pa.table({"id": exact_ids}, schema=ID_SCHEMA), settings["partitions"])
 
     bands = _read_parquets(_tables_in(folder, "bands-"), BAND_SCHEMA)
     band, key, ids = (bands[c].to_numpy() for c in ("band", "key", "id"))
@@ -513,8 +507,8 @@ def match_partition(partition: int, settings: dict, work: str) -> dict:
     band, key, ids = band[order], key[order], ids[order]
     starts, ends = _groups([band, key])
     pairs = _bucket_pairs(ids, starts, ends)
-    _publish_by_node(f"{work}/pairs", partition, pairs[:, 0], {"a": pairs[:, 0], "b": pairs[:, 1]}, PAIR_SCHEMA,
-                     settings["partitions"])
+    _publish_by_node(f"{work}/pairs", f"from-{partition:05d}", pairs[:, 0],
+                     pa.table({"a": pairs[:, 0], "b": pairs[:, 1]}, schema=PAIR_SCHEMA), settings["partitions"])
     result = {"partition": partition, "exact_duplicates": int(duplicate.sum()), "candidates": len(pairs)}
     files.write_json(f"{work}/match/{partition:05d}.json", result)
     return result
@@ -554,14 +548,11 @@ def _lookup(ids: np.ndarray, known: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return rows[at]
 
 
-def _publish_by_node(folder: str, source: int, nodes: np.ndarray, columns: dict[str, Any], schema: pa.Schema,
-                     partitions: int) -> None:
-    """Rows of `columns` into `folder/<partition of nodes[i]>/from-<source>.parquet`."""
+def _publish_by_node(folder: str, name: str, nodes: np.ndarray, table: pa.Table, partitions: int) -> None:
+    """Row i of `table` into `folder/<the partition of document nodes[i]>/<name>.parquet`."""
     by_node = node_partition(nodes, partitions)
     for q in np.unique(by_node).tolist():
-        mask = by_node == q
-        files.write_bytes(f"{folder}/{q:05d}/from-{source:05d}.parquet", _parquet_bytes(pa.table(
-            {name: column[mask] for name, column in columns.items()}, schema=schema)))
+        files.write_bytes(f"{folder}/{q:05d}/{name}.parquet", _parquet_bytes(table.filter(pa.array(by_node == q))))
 
 
 def pair_partition(partition: int, settings: dict, work: str) -> dict:
@@ -572,13 +563,10 @@ def pair_partition(partition: int, settings: dict, work: str) -> dict:
     a, b = _unique_arcs(pairs["a"].to_numpy(), pairs["b"].to_numpy())
     known, rows = _signatures_of(partition, work, num_perm)
     signature_a = _lookup(a, known, rows)
-    schema = pa.schema([("a", pa.int64()), ("b", pa.int64()), ("sig", pa.binary(num_perm * 4))])
-    by_node = node_partition(b, settings["partitions"])
-    for q in np.unique(by_node).tolist():
-        mask = by_node == q
-        table = _signature_table(a[mask], signature_a[mask])
-        table = pa.table({"a": table["id"], "b": pa.array(b[mask], pa.int64()), "sig": table["sig"]}, schema=schema)
-        files.write_bytes(f"{work}/signed-pairs/{q:05d}/from-{partition:05d}.parquet", _parquet_bytes(table))
+    signed = _signature_table(a, signature_a)
+    _publish_by_node(f"{work}/signed-pairs", f"from-{partition:05d}", b,
+                     pa.table({"a": signed["id"], "b": pa.array(b, pa.int64()), "sig": signed["sig"]}),
+                     settings["partitions"])
     result = {"partition": partition, "candidates": len(a)}
     files.write_json(f"{work}/pair/{partition:05d}.json", result)
     return result
