@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -68,22 +69,30 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     server.stop()
 
 
+def _started(tmp_path_factory: pytest.TempPathFactory, start) -> Iterator:
+    server = start(tmp_path_factory.mktemp(start.__name__), owner_pid=os.getpid())
+    yield server
+    server.stop()
+
+
+def _new_bucket(server, scheme: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    for key, value in server.env.items():
+        monkeypatch.setenv(key, value)
+    return f"{scheme}://{server.new_bucket()}"
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory):
     """A real S3-protocol server (moto) on 127.0.0.1; `.env` points clients at it, `.new_bucket()` makes one."""
     from object_store import start_s3_server
 
-    server = start_s3_server(tmp_path_factory.mktemp("s3_server"), owner_pid=os.getpid())
-    yield server
-    server.stop()
+    yield from _started(tmp_path_factory, start_s3_server)
 
 
 @pytest.fixture
 def bucket(s3_server, monkeypatch: pytest.MonkeyPatch) -> str:
     """s3://<a new bucket>, with this process's environment pointing at the test server for the test."""
-    for key, value in s3_server.env.items():
-        monkeypatch.setenv(key, value)
-    return f"s3://{s3_server.new_bucket()}"
+    return _new_bucket(s3_server, "s3", monkeypatch)
 
 
 @pytest.fixture(scope="session")
@@ -91,17 +100,13 @@ def gcs_server(tmp_path_factory: pytest.TempPathFactory):
     """A GCS emulator on 127.0.0.1; `.env` points clients at it (STORAGE_EMULATOR_HOST), `.new_bucket()`."""
     from object_store import start_gcs_server
 
-    server = start_gcs_server(tmp_path_factory.mktemp("gcs_server"), owner_pid=os.getpid())
-    yield server
-    server.stop()
+    yield from _started(tmp_path_factory, start_gcs_server)
 
 
 @pytest.fixture
 def gcs_bucket(gcs_server, monkeypatch: pytest.MonkeyPatch) -> str:
     """gs://<a new bucket>, with this process's environment pointing at the emulator for the test."""
-    for key, value in gcs_server.env.items():
-        monkeypatch.setenv(key, value)
-    return f"gs://{gcs_server.new_bucket()}"
+    return _new_bucket(gcs_server, "gs", monkeypatch)
 
 
 # --- the fault report: one row per fault test (`make faults`, tests/harness.py) ------------------------------

@@ -51,26 +51,34 @@ class S3Server:
         stop_group(self.pgid)
 
 
-def start_s3_server(state_dir: Path, owner_pid: int | None = None, timeout: float = 60.0) -> S3Server:
-    """`moto_server` on a free port of 127.0.0.1 in its own process group (stopped with `owner_pid`)."""
-    binary = Path(sys.executable).parent / "moto_server"
+def _start_service(name: str, arguments: list[str], health_path: str, what: str, state_dir: Path,
+                   owner_pid: int | None, timeout: float, env: dict[str, str] | None = None) -> tuple[int, int, Path]:
+    """The test extra's executable `name` with `arguments` (`{port}` filled in) on a free port of 127.0.0.1, in
+    its own process group (stopped with `owner_pid`), once `health_path` answers: (port, pgid, log)."""
+    binary = Path(sys.executable).parent / name
     if not binary.exists():
         raise ServiceError(f"{binary} is missing: install the test extra (`pip install -e '.[test]'`)")
     port = free_port()
-    log = Path(state_dir) / "moto-server.log"
+    log = Path(state_dir) / f"{name}.log"
     with open(log, "ab") as out:
-        proc = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(port)], stdout=out,
+        proc = subprocess.Popen([str(binary), *(a.format(port=port) for a in arguments)], stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                env=dict(os.environ, MOTO_CALL_RESET_API="false"))
-    server = S3Server(port, proc.pid, log)
+                                env=dict(os.environ, **(env or {})))
     try:
-        wait_http(f"{server.endpoint}/moto-api/", timeout, log, "S3 server (moto)", proc.pid)
+        wait_http(f"http://127.0.0.1:{port}{health_path}", timeout, log, what, proc.pid)
     except BaseException:
-        server.stop()
+        stop_group(proc.pid)
         raise
     if owner_pid is not None:
         stop_with_owner(owner_pid, proc.pid, str(binary))
-    return server
+    return port, proc.pid, log
+
+
+def start_s3_server(state_dir: Path, owner_pid: int | None = None, timeout: float = 60.0) -> S3Server:
+    """`moto_server` on a free port of 127.0.0.1 in its own process group (stopped with `owner_pid`)."""
+    return S3Server(*_start_service("moto_server", ["-H", "127.0.0.1", "-p", "{port}"], "/moto-api/",
+                                    "S3 server (moto)", state_dir, owner_pid, timeout,
+                                    env={"MOTO_CALL_RESET_API": "false"}))
 
 
 @dataclass
@@ -108,21 +116,7 @@ class GcsServer:
 
 def start_gcs_server(state_dir: Path, owner_pid: int | None = None, timeout: float = 60.0) -> GcsServer:
     """`gcp-storage-emulator` on a free port of 127.0.0.1, in memory, in its own process group."""
-    binary = Path(sys.executable).parent / "gcp-storage-emulator"
-    if not binary.exists():
-        raise ServiceError(f"{binary} is missing: install the test extra (`pip install -e '.[test]'`)")
-    port = free_port()
-    log = Path(state_dir) / "gcs-emulator.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([str(binary), "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"],
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-    server = GcsServer(port, proc.pid, log)
-    try:
-        wait_http(f"{server.endpoint}/storage/v1/b?project=openllama-test", timeout, log, "GCS emulator", proc.pid)
-    except BaseException:
-        server.stop()
-        raise
-    if owner_pid is not None:
-        stop_with_owner(owner_pid, proc.pid, str(binary))
-    return server
+    return GcsServer(*_start_service("gcp-storage-emulator", ["start", "--host", "127.0.0.1", "--port", "{port}",
+                                                              "--in-memory"],
+                                     "/storage/v1/b?project=openllama-test", "GCS emulator", state_dir, owner_pid,
+                                     timeout))
