@@ -22,7 +22,9 @@ SECRET_KEY = "openllama-test-secret-" + uuid.uuid4().hex
 
 
 @dataclass
-class S3Server:
+class LoopbackServer:
+    """A test server on a port of 127.0.0.1, in its own process group, writing to `log`."""
+
     port: int
     pgid: int
     log: Path
@@ -31,6 +33,11 @@ class S3Server:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def stop(self) -> None:
+        stop_group(self.pgid)
+
+
+class S3Server(LoopbackServer):
     @property
     def env(self) -> dict[str, str]:
         """The standard AWS settings that point any S3 client (pyarrow, boto3, the AWS CLI) at this server."""
@@ -46,9 +53,6 @@ class S3Server:
         boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
                      region_name="us-east-1").create_bucket(Bucket=name)
         return name
-
-    def stop(self) -> None:
-        stop_group(self.pgid)
 
 
 def _start_service(name: str, arguments: list[str], health_path: str, what: str, state_dir: Path,
@@ -81,17 +85,8 @@ def start_s3_server(state_dir: Path, owner_pid: int | None = None, timeout: floa
                                     env={"MOTO_CALL_RESET_API": "false"}))
 
 
-@dataclass
-class GcsServer:
+class GcsServer(LoopbackServer):
     """A GCS JSON-API emulator (gcp-storage-emulator), reached as the Google client libraries reach one."""
-
-    port: int
-    pgid: int
-    log: Path
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def env(self) -> dict[str, str]:
@@ -109,9 +104,6 @@ class GcsServer:
         with urllib.request.urlopen(request, timeout=30) as response:
             assert response.status == 200, response.read()
         return name
-
-    def stop(self) -> None:
-        stop_group(self.pgid)
 
 
 def start_gcs_server(state_dir: Path, owner_pid: int | None = None, timeout: float = 60.0) -> GcsServer:
