@@ -100,6 +100,36 @@ def check_bucket(location: str) -> None:
                        "see it); create it or choose another location")
 
 
+def kvstore_spec(location: str | Path) -> dict[str, Any]:
+    """The TensorStore kvstore (JSON spec) of a local folder or a bucket prefix, with the endpoint the standard
+    environment names (AWS_ENDPOINT_URL, AWS_REGION / AWS_DEFAULT_REGION, STORAGE_EMULATOR_HOST).
+
+    For what reads and writes through TensorStore's own S3 and GCS drivers (checkpoints), so that each process
+    moves only its own bytes and nothing is staged on local disk. Spelled out because TensorStore's S3 driver
+    reads no endpoint from the environment, and without a region it asks AWS for the bucket's.
+    """
+    location = check_location(location)
+    if not is_uri(location) or location.startswith("file://"):
+        return {"driver": "file", "path": os.path.abspath(location.removeprefix("file://")).rstrip("/") + "/"}
+    scheme, rest = location.split("://", 1)
+    bucket, _, prefix = rest.partition("/")
+    path = prefix.strip("/") + "/" if prefix.strip("/") else ""
+    if scheme == "s3":
+        spec: dict[str, Any] = {"driver": "s3", "bucket": bucket, "path": path,
+                                "aws_region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+                                or "us-east-1"}
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            spec["endpoint"] = endpoint
+        if os.environ.get("AWS_ACCESS_KEY_ID"):  # else the default chain: profile, instance metadata
+            spec["aws_credentials"] = {"type": "environment"}
+        return spec
+    emulator = os.environ.get(GCS_EMULATOR)
+    if emulator:  # TensorStore's GCS driver takes its endpoint from this variable of its own
+        os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", emulator if "://" in emulator else f"http://{emulator}")
+    return {"driver": "gcs", "bucket": bucket, "path": path}
+
+
 def join(root: str, *parts: str) -> str:
     """`root`/parts for a local path or a URI alike."""
     return "/".join([root.rstrip("/"), *parts])

@@ -97,10 +97,14 @@ def bucket(s3_server, monkeypatch: pytest.MonkeyPatch) -> str:
 
 @pytest.fixture(scope="session")
 def gcs_server(tmp_path_factory: pytest.TempPathFactory):
-    """A GCS emulator on 127.0.0.1; `.env` points clients at it (STORAGE_EMULATOR_HOST), `.new_bucket()`."""
-    from object_store import start_gcs_server
+    """A GCS emulator on 127.0.0.1; `.env` points clients at it (STORAGE_EMULATOR_HOST, and TensorStore through
+    a relay that adds the generation header the emulator leaves out: `object_store.CountingRelay`)."""
+    from object_store import CountingRelay, start_gcs_server
 
-    yield from _started(tmp_path_factory, start_gcs_server)
+    for server in _started(tmp_path_factory, start_gcs_server):
+        server.relay = CountingRelay(server.endpoint, gcs_generation=True)
+        yield server
+        server.relay.stop()
 
 
 @pytest.fixture

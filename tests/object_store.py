@@ -86,11 +86,17 @@ def start_s3_server(state_dir: Path, owner_pid: int | None = None, timeout: floa
 
 
 class GcsServer(LoopbackServer):
-    """A GCS JSON-API emulator (gcp-storage-emulator), reached as the Google client libraries reach one."""
+    """A GCS JSON-API emulator (gcp-storage-emulator), reached as the Google client libraries reach one, and by
+    TensorStore's GCS driver through `relay` (its own endpoint variable)."""
+
+    relay: CountingRelay | None = None
 
     @property
     def env(self) -> dict[str, str]:
-        return {"STORAGE_EMULATOR_HOST": self.endpoint}
+        env = {"STORAGE_EMULATOR_HOST": self.endpoint}
+        if self.relay is not None:
+            env["TENSORSTORE_GCS_HTTP_URL"] = self.relay.endpoint
+        return env
 
     def new_bucket(self) -> str:
         """A fresh, empty bucket's name, made through the JSON API's buckets.insert."""
@@ -112,3 +118,108 @@ def start_gcs_server(state_dir: Path, owner_pid: int | None = None, timeout: flo
                                                               "--in-memory"],
                                      "/storage/v1/b?project=openllama-test", "GCS emulator", state_dir, owner_pid,
                                      timeout))
+
+
+class CountingRelay:
+    """An HTTP relay on 127.0.0.1 in front of a test server, counting the bytes of the responses it relays:
+    give each process its own relay and the server side says what each one fetched.
+
+    With `gcs_generation`, a media download that lacks the `x-goog-generation` header gets it from the object's
+    metadata. Real GCS sends that header with every object download (its documented response headers), and
+    TensorStore's GCS driver refuses a download without it ("Malformed StorageGeneration"); the emulator
+    (gcp-storage-emulator 2026.7) leaves it out. Nothing else is changed.
+    """
+
+    def __init__(self, upstream: str, gcs_generation: bool = False):
+        import http.client
+        import threading
+        import urllib.parse
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        target = urllib.parse.urlsplit(upstream)
+        relay = self
+        self.response_bytes = 0
+        self.requests = 0
+        self.log: list[tuple] = []  # (method, path, range, bytes) of every request relayed
+        self.lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def relay(self) -> None:
+                if "chunked" in self.headers.get("Transfer-Encoding", ""):
+                    body = self.read_chunked()
+                else:
+                    length = int(self.headers.get("Content-Length") or 0)
+                    body = self.rfile.read(length) if length else None
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("connection", "keep-alive", "transfer-encoding", "expect")}
+                if body is not None:
+                    headers["Content-Length"] = str(len(body))
+                connection = http.client.HTTPConnection(target.hostname, target.port, timeout=120)
+                connection.request(self.command, self.path, body=body, headers=headers)
+                response = connection.getresponse()
+                data = response.read()
+                extra = {}
+                if gcs_generation and self.command == "GET" and "alt=media" in self.path \
+                        and response.status in (200, 206) and "x-goog-generation" not in response.headers:
+                    extra = relay.generation_of(connection, self.path.split("?", 1)[0])
+                connection.close()
+                with relay.lock:
+                    relay.response_bytes += len(data)
+                    relay.requests += 1
+                    relay.log.append((self.command, self.path.split("?")[0], self.headers.get("Range"), len(data)))
+                self.send_response(response.status)
+                for key, value in response.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
+                        self.send_header(key, value)
+                for key, value in extra.items():
+                    self.send_header(key, value)
+                # a HEAD answer keeps the length of the object it describes
+                length = response.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            def read_chunked(self) -> bytes:
+                body = b""
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                    if size == 0:
+                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                            pass
+                        return body
+                    body += self.rfile.read(size)
+                    self.rfile.readline()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = relay
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def generation_of(connection, path: str) -> dict[str, str]:
+        import json
+
+        connection.request("GET", path)
+        metadata = json.loads(connection.getresponse().read())
+        return {"x-goog-generation": metadata["generation"], "x-goog-metageneration": metadata["metageneration"]}
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def reset(self) -> None:
+        with self.lock:
+            self.response_bytes = self.requests = 0
+            self.log = []
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,7 +1,8 @@
 """A training run whose output_dir is a bucket, against a real S3-protocol server on 127.0.0.1 (moto): step
-checkpoints staged on each process's own disk and uploaded, state.json written last, a run resumed from the
-bucket, a save that did not finish never listed, and 2 JAX processes with separate staging folders (as on
-hosts with disks of their own) saving one sharded state and restoring it onto another layout."""
+checkpoints written straight to the bucket, state.json written last, a run resumed from the bucket, a save
+that did not finish never listed; and 2 JAX processes saving one sharded state, each writing and reading
+only its own shards (counted at the server's side, through a relay per process), restored onto another
+layout and another process count."""
 
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ def resumed(s3_server, base, tmp_path_factory) -> dict:
             patch.setenv(key, value)
         first = fit(load_config("tiny-cpu", [*overrides, "train.steps=5"]))
         partial = run.step_dir(7)
-        files.write_bytes(files.join(partial, "params", "_METADATA"), b"{}")
+        files.write_bytes(files.join(partial, "state", "ocdbt.process_0", "manifest.ocdbt"), b"half")
         files.write_bytes(files.join(partial, "model.json"), b"{}")
         listed_with_partial = [step for step, _ in run.complete_checkpoints()]
     tracked = ["tracking.enabled=true", f"tracking.uri=sqlite:///{scratch}/mlruns.db"]
@@ -111,6 +112,7 @@ def test_a_bucket_run_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_ru
     assert resumed["first"] == pytest.approx({s: losses[s] for s in range(1, 6)}, abs=1e-5)
     local = fetch_model(run.path, staging=tmp_path)  # what eval, export-hf and generate do
     assert local == staging_mirror(run.step_dir(STEPS), tmp_path)
+    assert sorted(p.name for p in local.iterdir()) == ["model.json", "state.json", "state_location"]  # no weights
     _, params, _ = load_model(local)
     assert_same_params(params, load_model(RunDir(config.run_dir).latest()[1])[1])
     assert RunDir.of_checkpoint(local).tracking_run_id() == run.tracking_run_id() is not None
@@ -120,7 +122,7 @@ def test_the_bucket_holds_each_step_with_state_json_and_the_run_records(resumed,
     run: RunDir = resumed["run"]
     names = {location.removeprefix(run.path + "/") for location in files.files_under(run.path)}
     for step in ("step_00000005", "step_00000010"):
-        for name in ("state.json", "model.json", "params/_METADATA", "opt_state/_METADATA"):
+        for name in ("state.json", "model.json", "state/manifest.ocdbt"):
             assert f"checkpoints/{step}/{name}" in names, (step, name)
     assert files.read_json(files.join(run.step_dir(STEPS), "state.json"))["step"] == STEPS
     assert {"mlflow_run_id", "train_config.json"} <= names
@@ -133,8 +135,8 @@ def test_a_step_in_the_bucket_without_state_json_is_never_listed_and_is_removed_
     assert "step_00000007" not in files.names_in(run.checkpoints)
 
 
-def test_nothing_is_left_in_staging_once_the_run_is_done(resumed):
-    assert [p for p in resumed["staging"].rglob("*") if p.is_file()] == []
+def test_no_checkpoint_byte_passes_through_local_staging(resumed):
+    assert [p for p in resumed["staging"].rglob("*") if p.is_file() and "jax_cache" not in p.parts] == []
 
 
 def test_a_missing_bucket_is_one_line_before_any_work(s3_env, base, capsys):
@@ -146,18 +148,32 @@ def test_a_missing_bucket_is_one_line_before_any_work(s3_env, base, capsys):
         "these credentials may not see it); create it or choose another location"]
 
 
-# --- two processes, two staging folders -------------------------------------------------------------------
+# --- two processes, each reading and writing only its own shards ---------------------------------------------
+
+# a state of a few MiB, sharded by rows over 2 processes as fsdp shards it: params and one Adam-like moment
+SHAPES = {"params/embed": (512, 512), "params/w1": (1024, 256), "params/w2": (256, 1024), "opt_state/0/mu": (512, 512)}
 
 
 def expected(name: str) -> np.ndarray:
-    offset = {"w": 0.0, "mu": 100.0}[name]
-    return np.arange(np.prod(SHAPE), dtype=np.float32).reshape(SHAPE) + offset
+    offset = sorted(SHAPES).index(name) * 1000.0
+    return np.arange(np.prod(SHAPES[name]), dtype=np.float32).reshape(SHAPES[name]) + offset
 
 
-def two_process_worker(action: str, process_id: int, coordinator: str, run_location: str, staging: str,
-                       spec: str) -> None:
-    """One of 2 JAX processes (1 CPU device each): save a state sharded over both, or restore the newest one
-    onto `spec` ("rows" or "cols") and print whether each local shard holds the values saved."""
+def nested(values: dict[str, object]) -> dict:
+    tree: dict = {}
+    for name, value in values.items():
+        *parents, leaf = name.split("/")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    tree["opt_state"] = (tree["opt_state"]["0"],)  # optax keeps its states in tuples
+    return tree
+
+
+def two_process_worker(action: str, process_id: int, coordinator: str, run_location: str, spec: str) -> None:
+    """One of 2 JAX processes (1 CPU device each): save a state sharded by rows over both, or restore the
+    newest one onto `spec` ("rows" or "cols") and print whether each local shard holds the values saved."""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator, 2, process_id)
     from jax.sharding import NamedSharding
@@ -165,37 +181,38 @@ def two_process_worker(action: str, process_id: int, coordinator: str, run_locat
 
     mesh = jax.make_mesh((2,), ("x",), devices=jax.devices())
     sharding = NamedSharding(mesh, {"rows": P("x"), "cols": P(None, "x")}[spec])
-    scalar = NamedSharding(mesh, P())
-    run = RunDir(run_location, staging=Path(staging))
+    run = RunDir(run_location)
     if action == "save":
-        def array(name):
-            return jax.make_array_from_callback(SHAPE, sharding, lambda index: expected(name)[index])
-        state = {"params": {"w": array("w")}, "opt_state": {"mu": array("mu")},
-                 "step": jax.device_put(np.int32(3), scalar)}
+        arrays = {name: jax.make_array_from_callback(SHAPES[name], sharding, lambda i, n=name: expected(n)[i])
+                  for name in SHAPES}
+        state = {**nested(arrays), "step": jax.device_put(np.int32(3), NamedSharding(mesh, P()))}
         save_step(run, state, LlamaConfig.preset("tiny"), None, {"seed": 0}, keep=2)
-        left = [str(p) for p in Path(staging).rglob("*") if p.is_file()]
-        print(json.dumps({"process": process_id, "staging_files_left": left}), flush=True)
+        share = sum(shard.data.nbytes for value in arrays.values() for shard in value.addressable_shards)
+        print(json.dumps({"process": process_id, "share": share}), flush=True)
         return
-    abstract = {"params": {"w": jax.ShapeDtypeStruct(SHAPE, np.float32, sharding=sharding)},
-                "opt_state": {"mu": jax.ShapeDtypeStruct(SHAPE, np.float32, sharding=sharding)}}
-    state, info = restore_step(run.latest()[1], abstract, staging=run.process_staging())
+    abstract = nested({name: jax.ShapeDtypeStruct(SHAPES[name], np.float32, sharding=sharding) for name in SHAPES})
+    state, info = restore_step(run.latest()[1], abstract)
+    restored = {"params/embed": state["params"]["embed"], "params/w1": state["params"]["w1"],
+                "params/w2": state["params"]["w2"], "opt_state/0/mu": state["opt_state"][0]["mu"]}
     equal = all(np.array_equal(np.asarray(shard.data), expected(name)[shard.index])
-                for name, value in (("w", state["params"]["w"]), ("mu", state["opt_state"]["mu"]))
-                for shard in value.addressable_shards)
-    print(json.dumps({"process": process_id, "equal": equal, "step": info["step"],
-                      "shards": len(state["params"]["w"].addressable_shards)}), flush=True)
+                for name, value in restored.items() for shard in value.addressable_shards)
+    share = sum(shard.data.nbytes for value in restored.values() for shard in value.addressable_shards)
+    print(json.dumps({"process": process_id, "equal": equal, "step": info["step"], "share": share}), flush=True)
 
 
-def two_processes(s3_server, action: str, run_location: str, stagings: list[Path], spec: str) -> list[dict]:
-    """Run `two_process_worker` in 2 fresh processes, the S3 settings in their environment; their last lines."""
+def two_processes(s3_server, action: str, run_location: str, spec: str, relays: list | None = None) -> list[dict]:
+    """Run `two_process_worker` in 2 fresh processes, each reaching the S3 server through its own relay when
+    `relays` are given; their last lines."""
     from openllama.services import free_port
 
     coordinator = f"127.0.0.1:{free_port()}"
-    env = harness.clean_env(**s3_server.env, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO / "tests"))
-    procs = [harness.start([sys.executable, "-c", "import sys, test_checkpoint_buckets as t; "
-                            "t.two_process_worker(*sys.argv[1:2], int(sys.argv[2]), *sys.argv[3:])",
-                            action, str(i), coordinator, run_location, str(stagings[i]), spec], env, cwd=REPO)
-             for i in range(2)]
+    procs = []
+    for i in range(2):
+        endpoint = {"AWS_ENDPOINT_URL": relays[i].endpoint} if relays else {}
+        env = harness.clean_env(**{**s3_server.env, **endpoint}, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO / "tests"))
+        procs.append(harness.start([sys.executable, "-c", "import sys, test_checkpoint_buckets as t; "
+                                    "t.two_process_worker(sys.argv[1], int(sys.argv[2]), *sys.argv[3:])",
+                                    action, str(i), coordinator, run_location, spec], env, cwd=REPO))
     results = []
     try:
         for proc in procs:
@@ -209,22 +226,50 @@ def two_processes(s3_server, action: str, run_location: str, stagings: list[Path
     return results
 
 
-def test_two_processes_with_separate_staging_save_one_checkpoint_restored_onto_another_layout(s3_server, bucket,
-                                                                                            tmp_path):
-    run_location = f"{bucket}/runs/two"
-    saved = two_processes(s3_server, "save", run_location, [tmp_path / "host0", tmp_path / "host1"], "rows")
-    assert [result["staging_files_left"] for result in saved] == [[], []]
-    run = RunDir(run_location)
-    assert [step for step, _ in run.complete_checkpoints()] == [3]
-    chunks = files.names_in(files.join(run.step_dir(3), "params", "w"))
-    assert {"0.0", "1.0"} <= set(chunks)  # process 0's rows and process 1's rows, each uploaded by its writer
-    restored = two_processes(s3_server, "restore", run_location, [tmp_path / "again0", tmp_path / "again1"],
-                             "cols")
-    assert restored == [{"process": i, "equal": True, "step": 3, "shards": 1} for i in range(2)]
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = {"params": {"w": jax.ShapeDtypeStruct(SHAPE, np.float32, sharding=one)},
-                "opt_state": {"mu": jax.ShapeDtypeStruct(SHAPE, np.float32, sharding=one)}}
-    state, _ = restore_step(run.step_dir(3), abstract, staging=tmp_path / "here")
-    np.testing.assert_array_equal(np.asarray(state["params"]["w"]), expected("w"))
-    np.testing.assert_array_equal(np.asarray(state["opt_state"]["mu"]), expected("mu"))
-    assert not any((tmp_path / "here").rglob("*.zarray"))  # the download is removed once restored
+@pytest.fixture(scope="module")
+def sharded_step(s3_server) -> dict:
+    """A step saved by 2 processes into a bucket, then restored by 2 fresh processes onto the same layout, each
+    through its own counting relay: what each one fetched from the server."""
+    from object_store import CountingRelay
+
+    location = f"s3://{s3_server.new_bucket()}/runs/two"
+    saved = two_processes(s3_server, "save", location, "rows")
+    relays = [CountingRelay(s3_server.endpoint) for _ in range(2)]
+    try:
+        restored = two_processes(s3_server, "restore", location, "rows", relays)
+        fetched = [relay.response_bytes for relay in relays]
+    finally:
+        for relay in relays:
+            relay.stop()
+    return {"location": location, "saved": saved, "restored": restored, "fetched": fetched}
+
+
+def test_each_process_restoring_from_the_bucket_fetches_only_its_share(sharded_step):
+    shares = [result["share"] for result in sharded_step["restored"]]
+    assert [result["equal"] for result in sharded_step["restored"]] == [True, True]
+    assert shares == [result["share"] for result in sharded_step["saved"]]
+    for fetched, share in zip(sharded_step["fetched"], shares, strict=True):
+        assert share <= fetched <= 1.1 * share, (fetched, share)
+    step_bytes = sum(np.prod(shape) * 4 for shape in SHAPES.values())
+    assert sum(sharded_step["fetched"]) <= 1.1 * step_bytes  # about one copy of the step in all, not one each
+
+
+def test_a_step_in_the_bucket_is_a_few_objects_per_process_whatever_the_number_of_arrays(sharded_step, s3_env):
+    run = RunDir(sharded_step["location"])
+    objects = [location.removeprefix(str(run.step_dir(3)) + "/") for location in files.files_under(run.step_dir(3))]
+    per_process = {i: [o for o in objects if o.startswith(f"state/ocdbt.process_{i}/")] for i in range(2)}
+    root = [o for o in objects if not o.startswith("state/ocdbt.process_")]
+    # its manifest and one data file, for 4 arrays as for 400 (orbax's zarr made one object per shard of each)
+    assert all(len(found) == 2 for found in per_process.values()), per_process
+    assert sorted(o.split("/d/")[0] + ("/d" if "/d/" in o else "") for o in root) == [
+        "model.json", "state.json", "state/d", "state/manifest.ocdbt"]
+
+
+def test_a_bucket_step_restores_onto_another_layout_and_another_process_count(sharded_step, s3_server, s3_env):
+    again = two_processes(s3_server, "restore", sharded_step["location"], "cols")
+    assert [(r["equal"], r["step"]) for r in again] == [(True, 3), (True, 3)]
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # and by this one process alone
+    abstract = nested({name: jax.ShapeDtypeStruct(SHAPES[name], np.float32, sharding=one) for name in SHAPES})
+    state, _ = restore_step(RunDir(sharded_step["location"]).step_dir(3), abstract)
+    np.testing.assert_array_equal(np.asarray(state["params"]["w1"]), expected("params/w1"))
+    np.testing.assert_array_equal(np.asarray(state["opt_state"][0]["mu"]), expected("opt_state/0/mu"))

@@ -1,6 +1,8 @@
 """gs:// end to end against a GCS JSON-API server on 127.0.0.1 (gcp-storage-emulator), reached through
-STORAGE_EMULATOR_HOST as Google's client libraries reach an emulator: the filesystem layer's operations, a
-dataset tokenized bucket to bucket, and a training run whose output_dir is a gs:// bucket resumed from it."""
+STORAGE_EMULATOR_HOST as Google's client libraries reach an emulator (and TensorStore's GCS driver through
+the relay that adds the generation header the emulator omits): the filesystem layer's operations, a dataset
+tokenized bucket to bucket, and a training run whose output_dir is a gs:// bucket resumed from it, whose
+weights are then read without the optimizer state."""
 
 from __future__ import annotations
 
@@ -73,7 +75,7 @@ class Losses(Hook):
         self.by_step[step] = metrics["loss"]
 
 
-def test_a_run_in_a_gcs_bucket_resumes_from_its_newest_checkpoint(gcs_bucket, tmp_path):
+def test_a_run_in_a_gcs_bucket_resumes_from_its_newest_checkpoint(gcs_server, gcs_bucket, tmp_path):
     rows = np.random.default_rng(0).integers(2, 512, size=(32, 17))
     write_dataset(str(tmp_path / "data"), {("train", "c4"): rows, ("validation", "c4"): rows[:8]}, seq_len=16,
                   vocab_size=512)
@@ -92,7 +94,10 @@ def test_a_run_in_a_gcs_bucket_resumes_from_its_newest_checkpoint(gcs_bucket, tm
     assert {**first, **second} == pytest.approx(reference, abs=1e-5)
     run = RunDir(f"{gcs_bucket}/runs/tiny-cpu")
     assert [step for step, _ in run.complete_checkpoints()] == [3, 6]
-    _, params, _ = load_model(f"{gcs_bucket}/runs/tiny-cpu")  # fetched from the bucket, as eval and export do
+    gcs_server.relay.reset()
+    _, params, _ = load_model(f"{gcs_bucket}/runs/tiny-cpu")  # read from the bucket, as eval and export do
+    weights = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(params))
+    assert weights <= gcs_server.relay.response_bytes <= 1.1 * weights  # the weights, not the optimizer state
     _, expected, _ = load_model(RunDir(tmp_path / "local" / "tiny-cpu").latest()[1])
     # and as a new run starting from it reads it (train.init_from=gs://...)
     llama = load_config("tiny-cpu", base).llama()

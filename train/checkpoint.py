@@ -2,56 +2,58 @@
 
 A model checkpoint (what eval, export and generate take):
 
-    CKPT/params/          orbax (restorable onto any device mesh)
+    CKPT/params/          orbax (restorable onto any device mesh); a training step keeps its weights in state/
     CKPT/model.json       LlamaConfig fields
     CKPT/tokenizer.model  the SentencePiece model the weights were trained with (optional)
 
-A training run, `<output_dir>/<name>/` (`RunDir`):
+A training run, `<output_dir>/<name>/` (`RunDir`), in a folder every host mounts or in a bucket:
 
-    checkpoints/step_00000100/   a model checkpoint plus opt_state/ and state.json (step, seed, tokens seen)
+    checkpoints/step_00000100/   model.json, tokenizer.model, state/ and state.json (step, seed, tokens seen)
     mlflow_run_id                the MLflow run every attempt of this run logs to
     (Ray Train's own files)
 
-Every checkpoint is written under a temporary name and renamed when complete, so a folder with
-`model.json` (or, for a step, `state.json`) is always whole; what a crash left half-written is removed
-before a run resumes and never loaded.
+A step's `state/` is one TensorStore database of parameters and optimizer state (`state_db.py`): every
+process writes its own shards straight to it, a few objects per process, and a restore reads only the shards
+it needs. Saving is asynchronous (`CheckpointWriter`): the loop waits only while the state is copied off the
+devices. state.json, the step's completeness marker, is written by process 0 after every process has written
+and the databases are merged; a step folder without it is a save that did not finish, never listed and
+removed before a run resumes.
 
-The run directory may be in a bucket (`output_dir=s3://...` or `gs://...`), where every host of a pod sees
-it. A bucket has no rename and orbax writes only to local paths, so each process lets orbax write its own
-shards into a node-local staging folder and uploads them (`files.copy_tree`); once every process has
-uploaded, process 0 writes state.json, the step's completeness marker, last. A step folder in a bucket
-without state.json is a save that did not finish. Restoring downloads the step into staging first.
+Steps written before this layout (params/ and opt_state/ by orbax; in a bucket, orbax's zarr staged by every
+process) still load: locally as they are, from a bucket by a download, with a warning saying so.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
 from openllama import files
+from openllama.train import state_db
 from openllama.train.model import LlamaConfig, config_from_dict, config_to_dict
+
+log = logging.getLogger("openllama.train")
 
 MODEL_JSON = "model.json"
 TOKENIZER = "tokenizer.model"
 STATE_JSON = "state.json"
+STATE = "state"  # a training step's parameters and optimizer state (state_db)
+STATE_AT = "state_location"  # in a local copy of a bucket step's metadata: where its state/ is read from
 PARAMS = "params"
 OPT_STATE = "opt_state"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 DEFAULT_STAGING = Path(tempfile.gettempdir()) / "openllama-staging"
-# Saving to staging folders that no other process sees: every process is primary for its own folder (orbax's
-# mode for host-local storage), and arrays are zarr, a file per shard; OCDBT's merge would need every
-# process's folder on process 0. Restore reads either format.
-EACH_PROCESS_ITS_OWN_FOLDER = {"multiprocessing_options": ocp.options.MultiprocessingOptions(primary_host=None),
-                               "use_ocdbt": False}
 
 
 def under(base: Path | str, *parts: str) -> Path | str:
@@ -68,9 +70,10 @@ def staging_mirror(location: str | Path, staging: Path | None = None) -> Path:
     return Path(staging or DEFAULT_STAGING) / scheme / rest.strip("/")
 
 
-def download(location: str, local: Path, leave_out: tuple[str, ...] = ()) -> Path:
-    """The folder at `location` (but the entries named in `leave_out`) copied to `local`, unless a finished
-    copy is already there.
+def download(location: str, local: Path, only: tuple[str, ...] | None = None,
+             leave_out: tuple[str, ...] = ()) -> Path:
+    """The folder at `location` (its entries named in `only`, if given, but those in `leave_out`) copied to
+    `local`, unless a finished copy is already there.
 
     Fetched under a temporary name and renamed: a copy interrupted midway is never taken for a whole one,
     and of processes on one host that fetch the same folder at once, the first rename wins.
@@ -79,9 +82,10 @@ def download(location: str, local: Path, leave_out: tuple[str, ...] = ()) -> Pat
         return local
     local.parent.mkdir(parents=True, exist_ok=True)
     temporary = files.temporary_name(local)
+    temporary.mkdir()
     try:
         for name in files.names_in(location):
-            if name not in leave_out:
+            if name not in leave_out and (only is None or name in only):
                 files.copy_tree(under(location, name), temporary / name)
         temporary.rename(local)
     except OSError:
@@ -92,6 +96,18 @@ def download(location: str, local: Path, leave_out: tuple[str, ...] = ()) -> Pat
     return local
 
 
+def state_location(path: str | Path) -> str | None:
+    """Where checkpoint `path`'s state database is (its own state/, or where a fetched copy points), if any."""
+    if files.is_file(under(path, STATE, state_db.MANIFEST)):  # the root database exists once merged
+        return str(under(path, STATE))
+    if files.is_uri(path):
+        return None
+    path = Path(path)
+    if (path / STATE_AT).is_file():
+        return (path / STATE_AT).read_text().strip()
+    return None
+
+
 # --------------------------------------------------------------------------------------- model checkpoint
 
 
@@ -99,14 +115,14 @@ def is_model_checkpoint(path: str | Path) -> bool:
     if files.is_uri(path):  # in a bucket only training writes, and a step is whole once it has state.json
         return files.is_file(under(path, STATE_JSON)) and files.is_file(under(path, MODEL_JSON))
     path = Path(path)
-    return (path / MODEL_JSON).is_file() and (path / PARAMS).is_dir()
+    return (path / MODEL_JSON).is_file() and ((path / PARAMS).is_dir() or state_location(path) is not None)
 
 
-def write_metadata(path: Path, config: LlamaConfig, tokenizer: str | Path | None) -> None:
+def write_metadata(path: Path | str, config: LlamaConfig, tokenizer: str | Path | None) -> None:
     """Config and tokenizer copy beside the weights (used by save_model and by training checkpoints)."""
-    (path / MODEL_JSON).write_text(json.dumps(config_to_dict(config), indent=2, sort_keys=True))
+    files.write_text(under(path, MODEL_JSON), json.dumps(config_to_dict(config), indent=2, sort_keys=True))
     if tokenizer is not None:
-        files.copy_file(tokenizer, path / TOKENIZER)  # local or in a bucket
+        files.copy_file(tokenizer, under(path, TOKENIZER))  # local or in a bucket
 
 
 def save_model(path: str | Path, params: Any, config: LlamaConfig, tokenizer: str | Path | None = None) -> Path:
@@ -126,7 +142,7 @@ def resolve(path: str | Path) -> Path:
 
     Accepts a model checkpoint, a run directory (`RUN/checkpoints/step_XXXXXXXX`) or its `checkpoints/`;
     nothing deeper is searched, so a wrong path is an error rather than some other model. One in a bucket
-    is fetched into local staging (`fetch_model`), since orbax reads local files only.
+    has its config and tokenizer fetched into local staging (`fetch_model`); its weights stay in the bucket.
     """
     if files.is_uri(path):
         return fetch_model(path)
@@ -135,7 +151,8 @@ def resolve(path: str | Path) -> Path:
         return path
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    steps = sorted(p for p in [*path.glob("step_*"), *path.glob("checkpoints/step_*")] if is_model_checkpoint(p))
+    steps = sorted(p for p in [*path.glob("step_*"), *path.glob("checkpoints/step_*")]
+                   if (p / STATE_JSON).is_file() and is_model_checkpoint(p))
     if not steps:
         raise FileNotFoundError(
             f"{path} is not a checkpoint: it holds no {MODEL_JSON} beside a params/ folder, nor a training run's "
@@ -145,9 +162,10 @@ def resolve(path: str | Path) -> Path:
 
 
 def fetch_model(location: str, staging: Path | None = None) -> Path:
-    """The local copy of a training run's checkpoint in a bucket (the step itself, or a run's newest), kept in
-    staging at the bucket's layout for the next command: weights, config and tokenizer, not the optimizer
-    state, plus the run's MLflow id, so the copy names the run that trained it as the original does."""
+    """A local stand-in for a training run's checkpoint in a bucket (the step itself, or a run's newest), kept
+    in staging at the bucket's layout for the next command: its config, tokenizer and where its weights are,
+    plus the run's MLflow id, so the copy names the run that trained it as the original does. The weights are
+    read from the bucket when loaded (`load_model`), never the optimizer state."""
     location = files.check_location(location).rstrip("/")
     step = location
     if not is_model_checkpoint(location):
@@ -157,7 +175,14 @@ def fetch_model(location: str, staging: Path | None = None) -> Path:
             raise FileNotFoundError(f"{location} is not a checkpoint: it holds no {STATE_JSON} beside a "
                                     f"{MODEL_JSON}, nor a training run's checkpoints/step_* that finished")
         step = latest[1]
-    local = download(step, staging_mirror(step, staging), leave_out=(OPT_STATE,))
+    mirror = staging_mirror(step, staging)
+    if state_location(step) is None:  # a step of the earlier staged layout: its weights are downloaded
+        log.warning("%s was saved in the staged layout of an earlier version; downloading its weights", step)
+        local = download(step, mirror, leave_out=(OPT_STATE,))
+    else:
+        local = download(step, mirror, only=(MODEL_JSON, TOKENIZER, STATE_JSON))
+        if not (local / STATE_AT).is_file():
+            (local / STATE_AT).write_text(files.join(step, STATE))
     run = RunDir.of_checkpoint(step)
     if run is not None and (run_id := run.tracking_run_id()):
         RunDir(staging_mirror(run.path, staging)).record_tracking_run(run_id)
@@ -176,17 +201,27 @@ def tokenizer_of(path: str | Path) -> Path | None:
 
 
 def load_model(path: str | Path, shardings: Any = None) -> tuple[LlamaConfig, Any, Path | None]:
-    """(config, params, tokenizer path or None) of a checkpoint; params placed by `shardings` if given."""
+    """(config, params, tokenizer path or None) of a checkpoint; params placed by `shardings` if given (else
+    onto this process's first device, whatever topology saved them). A training step's weights are read from
+    its state database, wherever it is, without its optimizer state."""
     path = resolve(path)
     config = read_config(path)
-    with ocp.StandardCheckpointer() as checkpointer:
+    database = state_location(path)
+    if database is not None:
+        tree = state_db.abstract_tree(database, PARAMS)
+    else:
+        checkpointer = ocp.StandardCheckpointer()
         meta = checkpointer.metadata(path / PARAMS)
         tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
-        if shardings is None:  # onto this process's first device, whatever topology saved it
-            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            shardings = jax.tree.map(lambda _: device, tree)
-        target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), tree, shardings)
-        params = checkpointer.restore(path / PARAMS, target)
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, tree)
+    target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), tree, shardings)
+    if database is not None:
+        params = state_db.read(database, {PARAMS: target})[PARAMS]
+    else:
+        with checkpointer:
+            params = checkpointer.restore(path / PARAMS, target)
     return config, params, tokenizer_of(path)
 
 
@@ -205,8 +240,8 @@ def checkpoint_step(path: str | Path) -> int | None:
 class RunDir:
     """A training run's folder (`<output_dir>/<name>`): its step checkpoints and its MLflow run id.
 
-    `path` is a local folder (every host mounts it) or a bucket URI; for a bucket, each process stages its
-    part of a checkpoint under `staging` (node-local scratch) on the way up and down.
+    `path` is a local folder (every host mounts it) or a bucket URI; `staging` is node-local scratch (the
+    download of a step saved in the earlier staged layout).
     """
 
     path: Path | str
@@ -234,7 +269,7 @@ class RunDir:
         return staging_mirror(self.path, self.staging) / f"process_{jax.process_index()}"
 
     def complete_checkpoints(self) -> list[tuple[int, Path | str]]:
-        """(step, dir) of every complete step checkpoint, oldest first; temporary ones are never listed."""
+        """(step, dir) of every complete step checkpoint, oldest first; partial ones are never listed."""
         found = []
         for name in files.names_in(self.checkpoints):
             match = STEP_DIR.match(name)
@@ -248,15 +283,26 @@ class RunDir:
         return found[-1] if found else None
 
     def remove_partial_checkpoints(self) -> list[Path | str]:
-        """What a crash mid-save left (a temporary folder; in a bucket, a step without state.json): never
-        loaded, removed before training resumes."""
-        if not self.in_bucket:
-            return files.remove_temporaries(self.checkpoints, ".step_*.tmp*")
+        """What a crash mid-save left (a step folder without state.json; an earlier version's temporary
+        folders): never loaded, removed before training resumes."""
         partial = [under(self.checkpoints, name) for name in files.names_in(self.checkpoints)
                    if STEP_DIR.match(name) and not files.is_file(under(self.checkpoints, name, STATE_JSON))]
         for location in partial:
             files.remove_tree(location)
+        if not self.in_bucket:
+            partial += files.remove_temporaries(self.checkpoints, ".step_*.tmp*")
         return partial
+
+    def prune(self, keep: int) -> None:
+        """Keep the newest `keep` milestone steps, and the newest rolling save if it is newer than them all."""
+        steps = [(step, path, bool(files.read_json(under(path, STATE_JSON)).get("rolling")))
+                 for step, path in self.complete_checkpoints()]
+        milestones = [step for step, _, rolling in steps if not rolling]
+        newest = steps[-1][0] if steps else None
+        kept = set(milestones[-keep:]) | ({newest} if newest is not None else set())
+        for step, path, _ in steps:
+            if step not in kept:
+                files.remove_tree(path)
 
     def tracking_run_id(self) -> str | None:
         """The MLflow run this training run logs to, once one was recorded."""
@@ -278,66 +324,95 @@ class RunDir:
         return None
 
 
+# ------------------------------------------------------------------------------------------ saving a step
+
+
+class CheckpointWriter:
+    """Step checkpoints of a run, written while training goes on; every process of the run makes one.
+
+    `save` blocks only while this process's shards are copied to host memory; writing them, the barrier that
+    every process has written, the merge and state.json (process 0) run on a background thread. At most one
+    save is in flight: the next `save` (or `wait`) waits for it first. The barriers go through the JAX
+    distributed runtime's coordination service, not through the devices, so they never interleave with the
+    training step's collectives.
+    """
+
+    def __init__(self, run: RunDir, config: LlamaConfig, tokenizer: str | Path | None, keep: int,
+                 barrier_timeout_s: float = 600.0):
+        self.run, self.config, self.tokenizer, self.keep = run, config, tokenizer, keep
+        self.rank, self.processes = jax.process_index(), jax.process_count()
+        self.barrier_timeout_ms = int(barrier_timeout_s * 1000)
+        self.barrier = ocp.multihost.get_barrier_sync_fn()
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self.in_flight: tuple[int, Future] | None = None
+
+    def save(self, state: dict, info: dict, rolling: bool = False) -> float:
+        """Start saving `state` (its step: state['step']); returns the seconds this call blocked the loop."""
+        started = time.perf_counter()
+        self.wait()
+        step = int(state["step"])
+        arrays = state_db.copy_to_host({PARAMS: state["params"], OPT_STATE: state["opt_state"]})
+        self.in_flight = (step, self.pool.submit(self._write, step, arrays, {"step": step, **info,
+                                                                           "rolling": rolling}))
+        return time.perf_counter() - started
+
+    def wait(self) -> tuple[int, Path | str] | None:
+        """(step, folder) of the save in flight once it is complete everywhere (None if none was); its error,
+        if it failed."""
+        if self.in_flight is None:
+            return None
+        step, future = self.in_flight
+        self.in_flight = None
+        return step, future.result()
+
+    def close(self) -> tuple[int, Path | str] | None:
+        try:
+            return self.wait()
+        finally:
+            self.pool.shutdown(wait=True)
+
+    def _sync(self, name: str) -> None:
+        self.barrier(key=f"openllama {self.run.path} {name}", timeout_ms=self.barrier_timeout_ms)
+
+    def _write(self, step: int, arrays: list[state_db.HostArray], info: dict) -> Path | str:
+        final = self.run.step_dir(step)
+        if self.rank == 0:  # a save of this step from before a crash is not complete meanwhile
+            files.remove_file(under(final, STATE_JSON))
+        self._sync(f"checkpoint {step} started")
+        state_db.write_part(str(under(final, STATE)), arrays, self.rank)
+        self._sync(f"checkpoint {step} written")
+        if self.rank == 0:
+            state_db.merge(str(under(final, STATE)), self.processes)
+            write_metadata(final, self.config, self.tokenizer)
+            files.write_text(under(final, STATE_JSON), json.dumps(info, indent=2))
+            self.run.prune(self.keep)
+        self._sync(f"checkpoint {step} committed")
+        return final
+
+
 def save_step(run: RunDir, state: dict, config: LlamaConfig, tokenizer: str | Path | None, info: dict,
               keep: int) -> Path | str:
-    """Write the train state of `state['step']` atomically; every process calls this, process 0 commits.
-
-    Orbax writes each process's shards; process 0 adds model.json, state.json (`info` and the step) and
-    renames the folder into place, then removes all but the newest `keep` step checkpoints.
-    """
-    if run.in_bucket:
-        return upload_step(run, state, config, tokenizer, info, keep)
-    step = int(state["step"])
-    final = run.step_dir(step)
-    tmp = final.parent / f".{final.name}.tmp"
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(tmp / PARAMS, state["params"])
-        checkpointer.save(tmp / OPT_STATE, state["opt_state"])
-    if jax.process_index() == 0:
-        write_metadata(tmp, config, tokenizer)
-        (tmp / STATE_JSON).write_text(json.dumps({"step": step, **info}, indent=2))
-        files.publish_directory(tmp, final)  # replaces a save of this step that completed before a crash
-        for _, old in run.complete_checkpoints()[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    multihost_utils.sync_global_devices(f"checkpoint {step}")
-    return final
-
-
-def upload_step(run: RunDir, state: dict, config: LlamaConfig, tokenizer: str | Path | None, info: dict,
-                keep: int) -> str:
-    """`save_step` into a bucket: each process saves its shards to its staging folder and uploads them; after
-    a barrier that every upload finished, process 0 writes state.json, then prunes to the newest `keep`."""
-    step = int(state["step"])
-    final = run.step_dir(step)
-    local = run.process_staging() / f"step_{step:08d}"
-    shutil.rmtree(local, ignore_errors=True)  # what a crash of this process left
-    if jax.process_index() == 0:  # a save of this step that completed before a crash is not complete meanwhile
-        files.remove_file(under(final, STATE_JSON))
-    multihost_utils.sync_global_devices(f"checkpoint {step} started")
-    with ocp.StandardCheckpointer(**EACH_PROCESS_ITS_OWN_FOLDER) as checkpointer:
-        checkpointer.save(local / PARAMS, state["params"])
-        checkpointer.save(local / OPT_STATE, state["opt_state"])
-    if jax.process_index() == 0:
-        write_metadata(local, config, tokenizer)
-    files.copy_tree(local, final)
-    shutil.rmtree(local, ignore_errors=True)
-    multihost_utils.sync_global_devices(f"checkpoint {step} uploaded")
-    if jax.process_index() == 0:
-        files.write_text(under(final, STATE_JSON), json.dumps({"step": step, **info}, indent=2))
-        for _, old in run.complete_checkpoints()[:-keep]:
-            files.remove_tree(old)
-    multihost_utils.sync_global_devices(f"checkpoint {step}")
-    return final
+    """Write the train state of `state['step']` and wait until it is complete on every process."""
+    writer = CheckpointWriter(run, config, tokenizer, keep)
+    writer.save(state, info)
+    return writer.close()[1]
 
 
 def restore_step(path: Path | str, abstract_state: dict, staging: Path | None = None) -> tuple[dict, dict]:
-    """(train state placed as `abstract_state`'s shardings, state.json) of a step checkpoint.
+    """(train state placed as `abstract_state`'s shardings, state.json) of a step checkpoint: this process
+    reads only its own shards, from a local folder or a bucket alike.
 
-    One in a bucket is first downloaded whole into `staging`, this process's own folder, and removed after.
+    A step of the earlier layout (orbax's params/ and opt_state/) is read by orbax; one of those in a bucket
+    is first downloaded into `staging`, this process's own folder, and removed after.
     """
     info = files.read_json(under(path, STATE_JSON))
+    database = state_location(path)
+    if database is not None:
+        state = state_db.read(database, {PARAMS: abstract_state["params"], OPT_STATE: abstract_state["opt_state"]})
+        return {"params": state[PARAMS], "opt_state": state[OPT_STATE], "step": info["step"]}, info
     local = path
     if files.is_uri(path):
+        log.warning("%s was saved in the staged layout of an earlier version; downloading it whole", path)
         staging = staging or DEFAULT_STAGING / f"process_{jax.process_index()}"
         local = staging / f"restore-{str(path).rsplit('/', 1)[-1]}"
         shutil.rmtree(local, ignore_errors=True)  # a copy a crashed restore left may be of another run's step

@@ -92,10 +92,17 @@ class ScalingSection:
 
 @dataclass
 class CheckpointSection:
-    every_steps: int = 100  # and always at the end
-    keep: int = 3  # newest complete step checkpoints kept
-    # node-local scratch through which each process uploads and downloads its part of a checkpoint when
-    # output_dir is a bucket; default <system temp>/openllama-staging
+    every_steps: int = 100  # milestones, kept by `keep`; and always at the end
+    keep: int = 3  # newest complete milestone checkpoints kept
+    # also save every this many minutes of training (0 = off); of these rolling saves only the newest is kept,
+    # so a crash or preemption loses at most this much, without filling the bucket
+    every_minutes: float = 0.0
+    # on SIGTERM or SIGINT (a preempted VM, `ray job stop`, Ctrl-C): save the step reached, then stop
+    save_on_preemption: bool = True
+    # how long a process may wait for the others at a save's barriers before the save fails
+    barrier_timeout_s: float = 600.0
+    # node-local scratch: model config and tokenizer fetched from a bucket run, registration exports, JAX's
+    # cache for a bucket run; default <system temp>/openllama-staging (checkpoints never pass through it)
     staging_dir: str | None = None
 
 
@@ -200,7 +207,7 @@ def validate(config: TrainConfig, device_count: int | None = None) -> None:
         "train.steps": t.steps, "train.seq_len": t.seq_len, "train.global_batch_size": t.global_batch_size,
         "train.micro_batches": t.micro_batches, "train.log_every": t.log_every,
         "scaling.num_workers": config.scaling.num_workers, "checkpoint.every_steps": config.checkpoint.every_steps,
-        "checkpoint.keep": config.checkpoint.keep,
+        "checkpoint.keep": config.checkpoint.keep, "checkpoint.barrier_timeout_s": config.checkpoint.barrier_timeout_s,
     }
     for name, value in positive.items():
         if value < 1:
@@ -222,6 +229,8 @@ def validate(config: TrainConfig, device_count: int | None = None) -> None:
         )
     if config.scaling.use_tpu:
         check_slice(config.scaling.num_workers, config.scaling.accelerator_type, config.scaling.topology)
+    if config.checkpoint.every_minutes < 0:
+        raise ConfigError(f"checkpoint.every_minutes={config.checkpoint.every_minutes} must be >= 0 (0 = off)")
     if config.eval.every_steps < 0 or config.eval.batches < 1:
         raise ConfigError("eval.every_steps must be >= 0 and eval.batches >= 1")
     if device_count is None and (config.scaling.use_tpu or config.scaling.use_gpu):

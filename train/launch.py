@@ -2,19 +2,29 @@
 
 The driver (this process) validates the config, builds the tiny dataset when asked, opens the MLflow run
 and starts N workers; each worker is one process of one `jax.distributed` system (`ray_backend.py`) and
-runs `trainer.Trainer` with two hooks: Ray Train's reports and, on process 0, MLflow's metrics. Rerunning
-the same command resumes the run from its newest complete checkpoint (see `checkpoint.py`).
+runs `trainer.Trainer` with its hooks: Ray Train's reports, the driver's stop requests and, on process 0,
+MLflow's metrics. Rerunning the same command resumes the run from its newest complete checkpoint (see
+`checkpoint.py`).
+
+A SIGTERM or SIGINT to the driver (`ray job stop`, Ctrl-C) is passed to the workers, which save the step
+they reached and stop; the driver then exits saying where the rerun resumes. A worker sent SIGTERM itself (a
+preempted VM) saves the same way and fails its attempt, so Ray Train's restart (`scaling.max_failures`), or
+the rerun, resumes from that step.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import signal
 import socket
 import tempfile
+import time
+import uuid
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -28,7 +38,8 @@ from openllama.train.checkpoint import MODEL_JSON, TOKENIZER, RunDir, under
 from openllama.train.config import TrainConfig, load_config, validate
 from openllama.train.convert import registry
 from openllama.train.convert.hf import write_hf
-from openllama.train.trainer import Hook, Trainer, check_start, open_datasets, tokenizer_path
+from openllama.train.goodput import PHASES, combine, describe, with_redone
+from openllama.train.trainer import Hook, Preempted, Trainer, check_start, open_datasets, tokenizer_path
 
 log = logging.getLogger("openllama.train")
 
@@ -45,6 +56,8 @@ class TrackingHook(Hook):
         self.config = config
         self.logger: tracking.MetricsLogger | None = None
         self.system: SystemMetricsMonitor | None = None
+        self.redone_s = 0.0  # time spent on steps an earlier attempt had computed (MLflow has them)
+        self.last_step = 0
 
     def on_start(self, step: int) -> None:
         self.logger = tracking.MetricsLogger.resume(self.run_id, flush_every=self.config.train.log_every)
@@ -54,13 +67,22 @@ class TrackingHook(Hook):
             self.system.start()
 
     def after_step(self, step: int, metrics: dict[str, float]) -> None:
+        if step <= self.logger.skip_through:
+            self.redone_s += metrics["step_time_s"]
+        self.last_step = step
         self.logger.log(step, metrics)
 
     def on_checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
         self.logger.flush(retries=1)
 
-    def on_finish(self, result: dict[str, float] | None, error: BaseException | None) -> None:
-        if self.logger is not None:  # the last metrics: after success, wait up to ~5 minutes for a server that is down
+    def on_finish(self, result: dict[str, float] | None, error: BaseException | None,
+                  goodput: dict[str, float]) -> None:
+        if self.logger is not None:
+            # this attempt's goodput at its last step, one value per attempt; then the last metrics: after a
+            # success, wait up to ~5 minutes for a server that is down
+            figures = with_redone(goodput, self.redone_s)
+            self.logger.pending += [tracking.Metric(f"goodput/{key}", float(value), int(time.time() * 1000),
+                                                    self.last_step) for key, value in figures.items()]
             self.logger.flush(retries=30 if error is None else 2, wait_s=10.0)
         if self.system is not None:
             self.system.finish()
@@ -87,6 +109,29 @@ class RayReportHook(Hook):
                          checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
 
+class StopRequests(Hook):
+    """The driver's request to stop (its SIGTERM or SIGINT), turned into the SIGTERM that JAX's preemption
+    notifier hears on this worker, so that every worker saves the same step. Looked up at most once a second."""
+
+    def __init__(self, key: str):
+        self.key = key
+        self.checked = 0.0
+        self.sent = False
+
+    def requested(self) -> bool:
+        from ray.experimental import internal_kv  # Ray's key-value store in the GCS, which the driver writes to
+
+        return internal_kv._internal_kv_get(self.key) is not None
+
+    def after_step(self, step: int, metrics: dict[str, float]) -> None:
+        if self.sent or time.monotonic() - self.checked < 1.0:
+            return
+        self.checked = time.monotonic()
+        if self.requested():
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 def train_loop(loop_config: dict) -> None:
     """The per-worker function JaxTrainer runs (jax.distributed is already initialized by the backend)."""
     import jax  # after the backend set JAX_PLATFORMS for this worker
@@ -100,10 +145,16 @@ def train_loop(loop_config: dict) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     config = build(TrainConfig, loop_config["config"])
     rank = jax.process_index()
-    hooks: list[Hook] = [RayReportHook(rank)]
+    stops = StopRequests(loop_config["stop_key"])
+    hooks: list[Hook] = [RayReportHook(rank), stops]
     if rank == 0 and loop_config.get("tracking_run_id"):
         hooks.insert(0, TrackingHook(loop_config["tracking_run_id"], config))
-    Trainer(config, hooks).fit()
+    try:
+        Trainer(config, hooks).fit()
+    except Preempted:
+        if not stops.requested():  # this host's own SIGTERM: a failed attempt, for Ray Train to restart
+            raise
+        log.info("stopped as the driver asked; the step is saved")
 
 
 def ensure_dataset(config: TrainConfig) -> None:
@@ -149,7 +200,7 @@ def open_tracking_run(config: TrainConfig) -> str | None:
     return run_id
 
 
-def finish_tracking_run(config: TrainConfig, run_id: str | None, succeeded: bool) -> None:
+def finish_tracking_run(config: TrainConfig, run_id: str | None, succeeded: bool, status: str | None = None) -> None:
     """The run's config, its final checkpoint's location, model config and tokenizer, and its status; then,
     after a success with a tracking server set (tracking.register_model), the final model in the registry."""
     if run_id is None:
@@ -169,7 +220,7 @@ def finish_tracking_run(config: TrainConfig, run_id: str | None, succeeded: bool
                     if files.is_file(under(checkpoint, name)):
                         files.copy_file(under(checkpoint, name), Path(folder, artifact_path, name))
                         client.log_artifact(run_id, str(Path(folder, artifact_path, name)), artifact_path)
-        client.set_terminated(run_id, "FINISHED" if succeeded else "FAILED")
+        client.set_terminated(run_id, status or ("FINISHED" if succeeded else "FAILED"))
     except Exception as error:
         log.warning("MLflow: could not record the end of run %s (%s)", run_id, error)
         return  # a server that is down: not waited for a second time by a registration
@@ -235,9 +286,10 @@ def fit(config: TrainConfig, address: str | None = None):
     )
     run_id = open_tracking_run(config)
     storage_path, storage_filesystem = ray_storage(config)
+    stop_key = f"openllama-stop-{uuid.uuid4().hex}"
     trainer = JaxTrainer(
         train_loop,
-        train_loop_config={"config": to_dict(config), "tracking_run_id": run_id,
+        train_loop_config={"config": to_dict(config), "tracking_run_id": run_id, "stop_key": stop_key,
                            "tracking_uri": config.tracking.uri or tracking.tracking_uri()},
         jax_config=JaxConfigWithCpu(use_tpu=s.use_tpu, use_gpu=s.use_gpu),
         scaling_config=scaling,
@@ -248,8 +300,10 @@ def fit(config: TrainConfig, address: str | None = None):
     )
     head = ray.get_runtime_context().gcs_address
     result = None
+    stop = DriverStop(stop_key) if config.checkpoint.save_on_preemption else None
     try:
-        result = trainer.fit()
+        with stop or contextlib.nullcontext():
+            result = trainer.fit()
     except ActorUnavailableError as error:
         # Ray Train's controller runs on the driver's node; what a killed head leaves the driver is this error
         # (`RpcError: Socket closed`) from the controller, and a GCS that no longer answers
@@ -261,8 +315,66 @@ def fit(config: TrainConfig, address: str | None = None):
         raise commands.WorkFailed(f"the Ray cluster (head at {head}) was lost: its GCS does not answer; running "
                                   f"the same command again on a new head {resume}") from error
     finally:
-        finish_tracking_run(config, run_id, succeeded=result is not None and result.error is None)
+        stopped = stop is not None and stop.signal is not None
+        finish_tracking_run(config, run_id, succeeded=result is not None and result.error is None and not stopped,
+                            status="KILLED" if stopped else None)
+    if stopped:
+        newest = RunDir(config.run_dir).latest()
+        where = f"saved step {newest[0]} ({newest[1]})" if newest else "no checkpoint was complete"
+        raise Stopped(f"stopped by {stop.signal}: {where}; running the same command again resumes from it")
     return result
+
+
+class Stopped(commands.WorkFailed):
+    """The driver was asked to stop (SIGTERM, SIGINT) and the workers saved the step they reached."""
+
+
+class DriverStop:
+    """While training: the driver's SIGTERM or SIGINT asks the workers to save and stop (`StopRequests`)
+    instead of ending the driver, which would take Ray Train's controller and the workers with it unsaved. A
+    second signal stops at once."""
+
+    def __init__(self, key: str):
+        self.key = key
+        self.signal: str | None = None
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> DriverStop:
+        for number in (signal.SIGTERM, signal.SIGINT):
+            self.previous[number] = signal.signal(number, self.request)
+        return self
+
+    def request(self, number: int, frame) -> None:
+        from ray.experimental import internal_kv
+
+        if self.signal is not None:
+            self.__exit__()
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(number).name
+        internal_kv._internal_kv_put(self.key, self.signal)
+        log.warning("%s: the workers save the step they reached, then stop (again to stop at once, unsaved)",
+                    self.signal)
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+        self.previous.clear()
+
+
+def run_goodput(run_id: str | None) -> dict[str, float] | None:
+    """The whole run's goodput from each attempt's figures in MLflow (None without them)."""
+    if run_id is None:
+        return None
+    try:
+        history = {key: tracking.client().get_metric_history(run_id, f"goodput/{key}")
+                   for key in ("productive_s", "wall_s", *PHASES)}
+    except Exception:
+        return None
+    attempts = len(history["wall_s"])
+    if not attempts:
+        return None
+    return combine([{key: values[i].value for key, values in history.items() if i < len(values)}
+                    for i in range(attempts)])
 
 
 def ray_storage(config: TrainConfig) -> tuple[str, pafs.FileSystem | None]:
@@ -315,9 +427,14 @@ def main(argv: list[str]) -> int:
             check_start(config, tokenizer_path(config, train_data.manifest))
         try:
             result = fit(config, args.address)
+        except Stopped:
+            raise
         except Exception as error:
             raise commands.WorkFailed(f"{config.name} failed: {error}") from error
         print(f"trained {config.name}: {result.metrics} checkpoints in {RunDir(config.run_dir).checkpoints}")
+        figures = run_goodput(RunDir(config.run_dir).tracking_run_id() if config.tracking.enabled else None)
+        if figures:
+            print(f"{config.name}: {describe(figures)}")
         return 0
 
     return commands.run("openllama train", work)

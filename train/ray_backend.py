@@ -1,8 +1,9 @@
 """Ray Train's JAX backend, extended to CPU workers.
 
 The stock backend calls `jax.distributed.initialize` only for TPU or GPU workers; CPU workers would each
-be a separate one-process JAX. Here CPU workers also join one `jax.distributed` system, with gloo for
-the cross-process collectives, so the same code path (mesh, shardings, collectives) runs on a laptop,
+be a separate one-process JAX. Here CPU workers also join one `jax.distributed` system (a group of one
+too: its runtime is what notices a SIGTERM and agrees on the step to save at), with gloo for the
+cross-process collectives, so the same code path (mesh, shardings, collectives) runs on a laptop,
 in CI and on a TPU pod. The coordinator is rank 0's Ray node address and gloo runs on each worker's node
 address, so the workers may be on different hosts.
 """
@@ -55,9 +56,6 @@ class _CpuJaxBackend(_JaxBackend):
     def on_start(self, worker_group, backend_config: JaxConfig) -> None:
         if backend_config.use_tpu or backend_config.use_gpu:
             return super().on_start(worker_group, backend_config)
-        if len(worker_group) == 1:
-            worker_group.execute(os.environ.__setitem__, "JAX_PLATFORMS", "cpu")
-            return None
         address, port = worker_group.execute_single(0, get_address_and_port)
         coordinator = f"{address}:{port}"
         ray.get([
@@ -69,11 +67,10 @@ class _CpuJaxBackend(_JaxBackend):
     def on_shutdown(self, worker_group, backend_config: JaxConfig) -> None:
         if backend_config.use_tpu or backend_config.use_gpu:
             return super().on_shutdown(worker_group, backend_config)
-        if len(worker_group) > 1:
-            try:
-                ray.get(worker_group.execute_async(_shutdown_jax_distributed), timeout=30)
-            except Exception as error:  # a dead worker cannot shut down; the group is torn down anyway
-                log.warning("JAX distributed shutdown on CPU workers failed: %s", error)
+        try:
+            ray.get(worker_group.execute_async(_shutdown_jax_distributed), timeout=30)
+        except Exception as error:  # a dead worker cannot shut down; the group is torn down anyway
+            log.warning("JAX distributed shutdown on CPU workers failed: %s", error)
         return None
 
 

@@ -2,14 +2,15 @@
 
 `Trainer(config, hooks).fit()` builds the mesh, the jitted steps and the batch plan, resumes from the
 newest complete checkpoint of the run directory (whatever number of processes wrote it) and trains to
-`train.steps`. Everything that is not training attaches as a `Hook` (MLflow metrics, Ray Train reports,
-and in the tests, faults), so the loop itself has one job.
+`train.steps`. Checkpoints are saved while the following steps run (`CheckpointWriter`); a SIGTERM or SIGINT
+to any process makes every process save the step it reached and stop (`Preempted`), so a rerun loses no
+step. Everything that is not training attaches as a `Hook` (MLflow metrics, Ray Train reports, and in the
+tests, faults), so the loop itself has one job; each attempt also accounts for its wall time (`goodput.py`).
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,11 +27,13 @@ from openllama.commands import WorkFailed
 from openllama.config import ConfigError
 from openllama.data.shards import PackedDataset
 from openllama.data.tokenizer import load_for_model
-from openllama.train.checkpoint import RunDir, restore_step, save_step
+from openllama.train.checkpoint import CheckpointWriter, RunDir, restore_step
 from openllama.train.config import TrainConfig, validate
 from openllama.train.convert.sources import check_architecture, load_params
+from openllama.train.goodput import Goodput, describe
 from openllama.train.heldout import heldout_metrics
 from openllama.train.loader import GlobalBatches, local_rows
+from openllama.train.preemption import PreemptionWatch
 from openllama.train.program import make_program
 
 log = logging.getLogger("openllama.train")
@@ -46,6 +49,18 @@ class NonFiniteLoss(WorkFailed):
     """The loss or gradient norm became NaN/Inf and train.on_nonfinite is `stop`."""
 
 
+class Preempted(WorkFailed):
+    """A process was sent SIGTERM or SIGINT; every process saved the step it reached (`step`) and stopped."""
+
+    def __init__(self, step: int, path: Path | str):
+        super().__init__(f"preempted at step {step}: saved as {path}; running the same command again resumes "
+                         "from it")
+        self.step, self.path = step, path
+
+    def __reduce__(self):  # raised in a Ray worker, rebuilt in the driver
+        return Preempted, (self.step, self.path)
+
+
 class Hook:
     """Something that watches the loop; every method is called by every process, in loop order."""
 
@@ -56,10 +71,14 @@ class Hook:
         """After step `step` (1-based: the number of updates done) with its metrics."""
 
     def on_checkpoint(self, step: int, path: Path | str, metrics: dict[str, float]) -> None:
-        """After the checkpoint of `step` is complete on every process (`path` a URI for a bucket run)."""
+        """Once the checkpoint of `step` is complete on every process (`path` a URI for a bucket run). Saves
+        finish in the background, so this comes when the loop next waits for one: at the next save, or at
+        the end; `metrics` are those of the step saved."""
 
-    def on_finish(self, result: dict[str, float] | None, error: BaseException | None) -> None:
-        """At the end of this attempt: the final result, or the error that ended it."""
+    def on_finish(self, result: dict[str, float] | None, error: BaseException | None,
+                  goodput: dict[str, float]) -> None:
+        """At the end of this attempt: the final result or the error that ended it, and where the attempt's
+        wall time went (`goodput.Goodput.summary`)."""
 
 
 def peak_flops_per_device(config: TrainConfig) -> float:
@@ -115,6 +134,7 @@ class Trainer:
     """Everything one worker process holds for a run: mesh, jitted steps, data plan, hooks."""
 
     def __init__(self, config: TrainConfig, hooks: Sequence[Hook] = ()):
+        self.goodput = Goodput()
         if config.compilation_cache_dir is not None:  # a restarted worker then skips recompiling its step
             jax.config.update("jax_compilation_cache_dir", str(config.compilation_cache_dir))
         self.config = config
@@ -134,6 +154,10 @@ class Trainer:
             check_start(config, self.tokenizer)
         self.peak_flops = peak_flops_per_device(config) * jax.device_count()
         self.flops_per_step = self.llama.flops_per_token(config.train.seq_len) * self.tokens_per_step
+        self.writer = CheckpointWriter(self.run, self.llama, self.tokenizer, keep=config.checkpoint.keep,
+                                       barrier_timeout_s=config.checkpoint.barrier_timeout_s)
+        self.saving: tuple[int, dict[str, float]] = (0, {})  # the save in flight: its step and metrics
+        self.goodput.add("startup_s", time.perf_counter() - self.goodput.started)
 
     @property
     def tokens_per_step(self) -> int:
@@ -148,8 +172,6 @@ class Trainer:
         if self.rank == 0:
             for path in self.run.remove_partial_checkpoints():
                 log.warning("removing partial checkpoint %s (a save that did not finish)", path)
-        if self.run.in_bucket:  # what a crashed attempt of this process left on its way to or from the bucket
-            shutil.rmtree(self.run.process_staging(), ignore_errors=True)
         multihost_utils.sync_global_devices("partial checkpoints removed")
         latest = self.run.latest()
         if latest is None and self.config.train.init_from:
@@ -180,37 +202,67 @@ class Trainer:
         metrics = heldout_metrics(score, self.validation, batch, rows_per_subset=self.config.eval.batches * batch)
         return {f"val/{name}": value for name, value in metrics.items()}
 
-    def save(self, state: dict) -> Path | str:
+    def save(self, state: dict, metrics: dict[str, float], rolling: bool = False) -> None:
+        """Start saving `state`; the hooks hear of the save before it (if one was in flight) now, complete."""
         done = int(state["step"])
         info = {"seed": self.config.train.seed, "tokens_seen": done * self.tokens_per_step,
                 "data_position": {"step": done}}
-        return save_step(self.run, state, self.llama, self.tokenizer, info, keep=self.config.checkpoint.keep)
+        self.wait_for_save()
+        self.goodput.add("checkpoint_s", self.writer.save(state, info, rolling=rolling))
+        self.saving = (done, metrics)
+
+    def report_saved(self, saved: tuple[int, Path | str] | None) -> None:
+        if saved is None:
+            return
+        step, path = saved
+        _, metrics = self.saving
+        for hook in self.hooks:
+            hook.on_checkpoint(step, path, metrics)
+
+    def wait_for_save(self) -> int | None:
+        """Wait for the save in flight, tell the hooks; the step saved, if one was in flight."""
+        waited = time.perf_counter()
+        saved = self.writer.wait()
+        self.goodput.add("checkpoint_s", time.perf_counter() - waited)
+        self.report_saved(saved)
+        return saved[0] if saved else None
 
     def fit(self) -> dict[str, float]:
         """Train to `train.steps`; returns the last step's metrics with `step`, the newest checkpoint's step."""
         error: BaseException | None = None
         result: dict[str, float] | None = None
         try:
-            with jax.set_mesh(self.program.mesh):  # kernels that run per shard (splash) find the mesh here
+            with jax.set_mesh(self.program.mesh), PreemptionWatch(self.config.checkpoint.save_on_preemption) as \
+                    self.preemption:  # kernels that run per shard (splash) find the mesh there
                 result = self._train()
             return result
         except BaseException as caught:
             error = caught
             raise
         finally:
+            self.writer.pool.shutdown(wait=error is None)
+            goodput = self.goodput.summary()
+            if self.rank == 0:
+                log.info("this attempt: %s", describe(goodput))
+            if result is not None:
+                result.update({f"goodput/{key}": value for key, value in goodput.items()})
             for hook in self.hooks:
-                hook.on_finish(result, error)
+                hook.on_finish(result, error, goodput)
 
     def _train(self) -> dict[str, float]:
         """The loop. The chips never wait for the host: the next batch is read by a background thread while
         a step runs, and a step's metrics are read only once the following step is queued (at once on
         steps that evaluate or save, which need them)."""
         config = self.config
+        restoring = time.perf_counter()
         state = self.start()
         first = int(state["step"])
+        self.goodput.add("restore_s", time.perf_counter() - restoring)
         for hook in self.hooks:
             hook.on_start(first)
         last_saved = first
+        every_s = 60 * config.checkpoint.every_minutes
+        saved_at = time.perf_counter()
         metrics: dict[str, float] = {}
         batch_shape = (config.train.global_batch_size, config.train.seq_len + 1)
         reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")
@@ -231,15 +283,24 @@ class Trainer:
                 pending = (done, device_metrics, data_wait)
                 evaluates = config.eval.every_steps and (done % config.eval.every_steps == 0
                                                          or done == config.train.steps)
-                saves = done % config.checkpoint.every_steps == 0 or done == config.train.steps
-                if evaluates or saves:
-                    metrics = self.finish_step(*pending, extra=self.evaluate(state["params"]) if evaluates else {})
+                milestone = done % config.checkpoint.every_steps == 0 or done == config.train.steps
+                preempted = self.preemption.reached(done)
+                rolling = every_s > 0 and time.perf_counter() - saved_at >= every_s
+                if evaluates or milestone or preempted or rolling:
+                    extra = {}
+                    if evaluates:
+                        evaluating = time.perf_counter()
+                        extra = self.evaluate(state["params"])
+                        self.goodput.add("eval_s", time.perf_counter() - evaluating)
+                    metrics = self.finish_step(*pending, extra=extra)
                     pending = None
-                if saves:
-                    path = self.save(state)
-                    last_saved = done
-                    for hook in self.hooks:
-                        hook.on_checkpoint(done, path, metrics)
+                if milestone or preempted or rolling:
+                    self.save(state, metrics, rolling=not milestone)
+                    last_saved, saved_at = done, time.perf_counter()
+                if preempted:
+                    self.wait_for_save()
+                    raise Preempted(done, self.run.step_dir(done))
+            self.wait_for_save()
         finally:
             reader.shutdown(wait=False, cancel_futures=True)
         return {**metrics, "step": last_saved}
@@ -251,6 +312,8 @@ class Trainer:
         values = {k: float(v) for k, v in device_metrics.items()}
         now = time.perf_counter()
         seconds, self.last_finished = now - self.last_finished, now  # in steady state, one step of the pipeline
+        self.goodput.step_times.append(seconds)
+        self.goodput.add("data_wait_s", data_wait)
         if not values["finite"]:
             message = (f"step {done}: loss={values['loss']} grad_norm={values['grad_norm']} is not finite; "
                        f"the last good checkpoint is kept in {self.run.checkpoints}")

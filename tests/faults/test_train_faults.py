@@ -1,10 +1,13 @@
-"""Faults during training: a Ray Train worker SIGKILLed mid-run, a process killed in the middle of a
-checkpoint save, the MLflow server stopped and started again, a loss that diverges to NaN/Inf."""
+"""Faults during training: a Ray Train worker SIGKILLed mid-run, a process killed in the middle of an
+asynchronous checkpoint save, a worker and then the driver sent SIGTERM (a preemption, `ray job stop`), the
+MLflow server stopped and started again, a loss that diverges to NaN/Inf."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -134,8 +137,14 @@ def test_killed_worker_run_logs_every_step_once_in_mlflow(worker_killed):
 # --- killed in the middle of a checkpoint save --------------------------------------------------------------
 
 
+def partial_steps(checkpoints: Path) -> list[Path]:
+    """Step folders a save has begun to write and not yet marked complete (no state.json)."""
+    return [p for p in checkpoints.glob("step_*") if p.is_dir() and not (p / "state.json").exists()]
+
+
 def test_a_save_cut_short_by_sigkill_is_ignored_and_removed_on_resume(packed, baseline, tmp_path, fault_report):
-    """The training process is frozen (SIGSTOP) while a `.step_*.tmp` save exists, then SIGKILLed."""
+    """The training process is frozen (SIGSTOP) while a step folder without state.json exists (an asynchronous
+    save in flight, the loop training on meanwhile), then SIGKILLed."""
     args = [sys.executable, "-c", TRAIN_IN_PROCESS, *overrides(packed, tmp_path, "checkpoint.every_steps=1",
                                                                 "tracking.enabled=false")]
     checkpoints = tmp_path / "tiny-cpu" / "checkpoints"
@@ -144,10 +153,9 @@ def test_a_save_cut_short_by_sigkill_is_ignored_and_removed_on_resume(packed, ba
     try:  # after the first complete checkpoint, so the rerun has one to resume from
         faults.wait_for(lambda: (checkpoints / "step_00000001" / "state.json").is_file(), 300, "step 1", proc)
         while partial is None:
-            saving = faults.wait_for(lambda: list(checkpoints.glob(".step_*.tmp")), 300, "a checkpoint save", proc,
-                                     poll=0.002)
+            saving = faults.wait_for(lambda: partial_steps(checkpoints), 300, "a checkpoint save", proc, poll=0.002)
             os.kill(proc.pid, signal.SIGSTOP)
-            if saving[0].exists():  # frozen mid-save; else that save finished in between: try the next one
+            if not (saving[0] / "state.json").exists():  # frozen mid-save; else it finished: try the next one
                 partial = saving[0]
             else:
                 os.kill(proc.pid, signal.SIGCONT)
@@ -155,18 +163,159 @@ def test_a_save_cut_short_by_sigkill_is_ignored_and_removed_on_resume(packed, ba
         faults.kill_group(proc)
     killed_at = time.perf_counter()
     complete_before = checkpoint_steps(tmp_path / "tiny-cpu")
-    assert partial.exists()
+    assert partial.exists() and int(partial.name.split("_")[1]) > complete_before[-1]
     resumed = faults.run(args, faults.clean_env(), timeout=300, cwd=REPO)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert f"resuming from {checkpoints / f'step_{complete_before[-1]:08d}'}" in resumed.stderr
     assert f"removing partial checkpoint {partial}" in resumed.stderr
-    assert not partial.exists()
     assert_same_params(final_params(tmp_path / "tiny-cpu"), baseline["params"])
-    fault_report.fault = "process SIGKILLed during a checkpoint save"
-    fault_report.happened = (f"{partial.name} left half-written; the rerun resumed from step {complete_before[-1]}, "
-                             "deleted the partial save, ended on the uninterrupted parameters")
+    fault_report.fault = "process SIGKILLed during an asynchronous checkpoint save"
+    fault_report.happened = (f"{partial.name} left without state.json; the rerun resumed from step "
+                             f"{complete_before[-1]}, deleted the partial save, ended on the uninterrupted parameters")
     fault_report.lost = "0 steps"
     fault_report.recovery_s = time.perf_counter() - killed_at
+
+
+# --- preempted: SIGTERM to a worker, then to the driver ------------------------------------------------------
+
+
+PREEMPT_STEPS = 300
+
+
+class Driver:
+    """`openllama train` with its output in files, read while it runs."""
+
+    def __init__(self, command: list[str], env: dict[str, str], folder: Path, name: str):
+        self.stderr = folder / f"{name}.err"
+        with open(folder / f"{name}.out", "w") as out, open(self.stderr, "w") as err:
+            self.proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=out, stderr=err, start_new_session=True)
+
+    def text(self) -> str:
+        return self.stderr.read_text(errors="replace")
+
+    def last_step(self, after: str | None = None) -> int:
+        """The newest `step N/M` line rank 0 logged (after the line `after`, when given)."""
+        text = self.text()
+        if after is not None:
+            text = text[text.index(after):] if after in text else ""
+        steps = [int(m) for m in re.findall(rf"step (\d+)/{PREEMPT_STEPS} loss", text)]
+        return max(steps, default=0)
+
+    def resumed_at(self) -> list[int]:
+        return [int(m) for m in re.findall(r"resuming from \S+ \(step (\d+)\)", self.text())]
+
+
+@pytest.fixture(scope="module")
+def preempted(packed, ray_head, tmp_path_factory) -> dict:
+    """`openllama train` with 2 workers on the session's Ray head (scaling.max_failures=1), milestones every
+    100 steps. Past step 110, one worker is sent SIGTERM: both save the step they reached, the attempt fails,
+    Ray Train starts another, which resumes there. Ten steps into it, the driver is sent SIGTERM (what `ray job
+    stop` and Ctrl-C deliver): the workers save again and the driver exits. The same command then finishes."""
+    out = tmp_path_factory.mktemp("preempted")
+    tracking = f"sqlite:///{out}/mlruns.db"
+    command = [str(Path(sys.executable).parent / "openllama"), "train", "tiny-cpu",
+               *overrides(packed, out, f"train.steps={PREEMPT_STEPS}", "checkpoint.every_steps=100",
+                          "checkpoint.keep=5", "scaling.num_workers=2", "scaling.max_failures=1",
+                          f"tracking.uri={tracking}")]
+    env = faults.clean_env(**ray_head.env)
+    run_dir = out / "tiny-cpu"
+    first = Driver(command, env, out, "first")
+    try:
+        faults.wait_for(lambda: 100 in checkpoint_steps(run_dir) and first.last_step() >= 110, 400,
+                        "step 110, past the step-100 checkpoint", first.proc, poll=0.05)
+        victim = faults.wait_for(lambda: faults.train_workers(ray_head), 30, "the train workers", first.proc)[-1]
+        worker_reached = first.last_step()
+        victim.send_signal(signal.SIGTERM)
+        signalled_at = time.perf_counter()
+        faults.wait_for(lambda: len(first.resumed_at()) >= 2, 300, "the restarted workers resuming", first.proc)
+        worker_saved = first.resumed_at()[-1]
+        restarted_s = time.perf_counter() - signalled_at
+        checkpoints_at_restart = checkpoint_steps(run_dir)
+        resume_line = f"(step {worker_saved})"
+        faults.wait_for(lambda: first.last_step(after=resume_line) >= worker_saved + 10, 300,
+                        "ten steps of the restarted attempt", first.proc, poll=0.05)
+        driver_reached = first.last_step(after=resume_line)
+        first.proc.send_signal(signal.SIGTERM)
+        first.proc.wait(timeout=300)
+    except BaseException:
+        faults.kill_group(first.proc)
+        raise
+    stopped_text = first.text()
+    stopped_checkpoints = checkpoint_steps(run_dir)
+    rerun_started = time.perf_counter()
+    rerun = faults.run(command, env, timeout=400, cwd=REPO)
+    return {"run_dir": run_dir, "tracking": tracking, "worker_reached": worker_reached, "worker_saved": worker_saved,
+            "checkpoints_at_restart": checkpoints_at_restart, "restarted_s": restarted_s,
+            "driver_reached": driver_reached, "driver_exit": first.proc.returncode, "stopped_text": stopped_text,
+            "stopped_checkpoints": stopped_checkpoints, "rerun": rerun,
+            "rerun_s": time.perf_counter() - rerun_started}
+
+
+@pytest.fixture(scope="module")
+def preempt_baseline(packed, tmp_path_factory):
+    """The same run uninterrupted, in this process."""
+    from openllama.train.trainer import Trainer
+
+    cfg = config(packed, tmp_path_factory.mktemp("preempt_baseline"), f"train.steps={PREEMPT_STEPS}",
+                 "checkpoint.every_steps=100", "tracking.enabled=false")
+    Trainer(cfg).fit()
+    return final_params(cfg.run_dir)
+
+
+def test_a_worker_sent_sigterm_saves_the_step_it_reached_and_ray_train_resumes_there(preempted, fault_report):
+    saved, reached = preempted["worker_saved"], preempted["worker_reached"]
+    assert saved >= reached > 100, (saved, reached)  # the step reached when signalled, or just after: none lost
+    assert saved % 100 != 0  # a save of its own, not a milestone
+    assert saved in preempted["checkpoints_at_restart"] and 100 in preempted["checkpoints_at_restart"]
+    fault_report.fault = "SIGTERM to one of 2 train workers (a preempted host), Ray Train max_failures=1"
+    fault_report.happened = (f"signalled at step {reached} (or later): both workers saved step {saved} and ended "
+                             f"the attempt; Ray Train's next attempt resumed from step {saved}")
+    fault_report.lost = f"0 steps (saved {saved} >= reached {reached})"
+    fault_report.recovery_s = preempted["restarted_s"]
+
+
+def test_the_driver_sent_sigterm_has_the_workers_save_then_exits_naming_the_step(preempted, fault_report):
+    reached = preempted["driver_reached"]
+    saved = max(preempted["stopped_checkpoints"])
+    assert preempted["driver_exit"] == 1
+    assert saved >= reached > preempted["worker_saved"], (saved, reached)
+    lines = [line for line in preempted["stopped_text"].splitlines() if line.startswith("openllama train:")]
+    assert lines == [f"openllama train: stopped by SIGTERM: saved step {saved} "
+                     f"({preempted['run_dir'] / 'checkpoints' / f'step_{saved:08d}'}); running the same command "
+                     "again resumes from it"]
+    rerun = preempted["rerun"]
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    assert f"(step {saved})" in rerun.stderr and "resuming from" in rerun.stderr
+    fault_report.fault = "SIGTERM to the driver (`ray job stop`, Ctrl-C)"
+    fault_report.happened = (f"signalled at step {reached}: the workers saved step {saved}, the driver exited 1 "
+                             f"naming it; the same command resumed from step {saved} and finished")
+    fault_report.lost = f"0 steps (saved {saved} >= reached {reached})"
+    fault_report.recovery_s = preempted["rerun_s"]
+
+
+def test_a_twice_preempted_run_ends_on_the_uninterrupted_parameters_each_step_logged_once(preempted,
+                                                                                        preempt_baseline):
+    assert_same_params(final_params(preempted["run_dir"]), preempt_baseline)
+    run_id = (preempted["run_dir"] / "mlflow_run_id").read_text().strip()
+    history = loss_history(preempted["tracking"], run_id)
+    assert sorted(history) == list(range(1, PREEMPT_STEPS + 1))
+    assert all(len(values) == 1 for values in history.values())
+
+
+def test_each_attempt_logs_where_its_time_went_and_the_driver_prints_the_whole_runs_goodput(preempted):
+    from mlflow.tracking import MlflowClient
+
+    run_id = (preempted["run_dir"] / "mlflow_run_id").read_text().strip()
+    client = MlflowClient(preempted["tracking"])
+    walls = client.get_metric_history(run_id, "goodput/wall_s")
+    assert len(walls) == 3  # the attempt preempted on the worker, the one stopped by the driver, the rerun
+    for key in ("productive_s", "restore_s", "compile_s", "checkpoint_s", "data_wait_s", "startup_s", "redone_s"):
+        assert len(client.get_metric_history(run_id, f"goodput/{key}")) == 3, key
+    parts = sum(client.get_metric_history(run_id, f"goodput/{key}")[0].value
+                for key in ("productive_s", "restore_s", "compile_s", "checkpoint_s", "data_wait_s", "startup_s",
+                            "eval_s", "redone_s"))
+    assert parts == pytest.approx(walls[0].value, rel=1e-6)
+    assert re.search(r"tiny-cpu: goodput \d+\.\d% \(", preempted["rerun"].stdout), preempted["rerun"].stdout[-2000:]
 
 
 # --- the MLflow server stopped and started again ----------------------------------------------------------
