@@ -30,7 +30,6 @@ import numpy as np
 import tensorstore as ts
 
 from openllama import files
-from openllama.train import state_db
 from openllama.train.checkpoint import CheckpointWriter, RunDir, restore_step
 from openllama.train.model import LlamaConfig
 

@@ -273,3 +273,39 @@ def test_a_bucket_step_restores_onto_another_layout_and_another_process_count(sh
     state, _ = restore_step(RunDir(sharded_step["location"]).step_dir(3), abstract)
     np.testing.assert_array_equal(np.asarray(state["params"]["w1"]), expected("params/w1"))
     np.testing.assert_array_equal(np.asarray(state["opt_state"][0]["mu"]), expected("opt_state/0/mu"))
+
+
+# --- steps of the earlier layout ------------------------------------------------------------------------------
+
+
+def write_earlier_layout(step: Path, zarr: bool) -> None:
+    """A step as the previous version saved it: orbax's params/ and opt_state/ (OCDBT locally; in a bucket,
+    zarr staged by each process and uploaded), model.json, state.json."""
+    import orbax.checkpoint as ocp
+
+    options = {"multiprocessing_options": ocp.options.MultiprocessingOptions(primary_host=None),
+               "use_ocdbt": False} if zarr else {}
+    state = nested({name: expected(name) for name in SHAPES})
+    with ocp.StandardCheckpointer(**options) as checkpointer:
+        checkpointer.save(step / "params", state["params"])
+        checkpointer.save(step / "opt_state", state["opt_state"])
+    (step / "model.json").write_text(json.dumps({"hidden_size": 64}))
+    (step / "state.json").write_text(json.dumps({"step": 3, "seed": 0}))
+
+
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_a_step_of_the_earlier_layout_still_restores(where, bucket, tmp_path, caplog):
+    local = tmp_path / "run" / "checkpoints" / "step_00000003"
+    write_earlier_layout(local, zarr=where == "bucket")
+    step: Path | str = local
+    if where == "bucket":
+        step = f"{bucket}/run/checkpoints/step_00000003"
+        files.copy_tree(local, step)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = nested({name: jax.ShapeDtypeStruct(SHAPES[name], np.float32, sharding=one) for name in SHAPES})
+    with caplog.at_level("WARNING", logger="openllama.train"):
+        state, info = restore_step(step, abstract, staging=tmp_path / "staging")
+    assert info["step"] == 3
+    np.testing.assert_array_equal(np.asarray(state["params"]["w2"]), expected("params/w2"))
+    np.testing.assert_array_equal(np.asarray(state["opt_state"][0]["mu"]), expected("opt_state/0/mu"))
+    assert ("earlier version" in caplog.text) == (where == "bucket")  # a download of the whole step, said so

@@ -331,6 +331,111 @@ def test_run_with_a_lost_host_logs_each_steps_loss_once(one_host, host_lost):
     assert_each_step_logged_once_as(host_lost.losses(), one_host[0])
 
 
+# --- a worker host preempted: SIGTERM first, then gone -------------------------------------------------------
+
+PREEMPT_STEPS = 40  # milestones every 20: the host is preempted before the first one
+
+
+@dataclass
+class HostPreempted(AcrossHosts):
+    """A run whose rank-1 worker was sent SIGTERM (as a preempted VM's processes are) before any checkpoint;
+    its host was removed once the save that caused was complete, and a new host joined."""
+
+    victim: str = ""
+    replacement: str = ""
+    reached: int = 0  # the newest step MLflow had when the signal was sent
+    checkpoints_at_signal: list[int] = field(default_factory=list)
+    checkpoints_when_lost: list[int] = field(default_factory=list)
+    signalled_ns: int = 0
+    finished_ns: int = 0
+
+    @property
+    def whole_s(self) -> float:
+        """From the signal to the run whole again: its last step done, by the replacement's attempt."""
+        return (self.finished_ns - self.signalled_ns) / 1e9
+
+
+@pytest.fixture(scope="module")
+def host_preempted(cluster, base, tmp_path_factory) -> HostPreempted:
+    out = tmp_path_factory.mktemp("host_preempted")
+    command, config, tracking_uri = train_command(base, out, "scaling.max_failures=1",
+                                                  f"train.steps={PREEMPT_STEPS}", "checkpoint.every_steps=20",
+                                                  "eval.every_steps=0")
+    run = RunDir(config.run_dir)
+    progress = AcrossHosts(config, tracking_uri, {}, [])
+    proc = harness.start([*cluster.head_host.launcher, *command], cluster.env(**STATE_TRACKING), cwd=REPO)
+
+    def logged() -> int:
+        try:
+            return max(progress.losses(), default=0) if run.tracking_run_id() else 0
+        except Exception:  # the sqlite store is being created
+            return 0
+
+    try:
+        workers = harness.wait_for(lambda: running_workers(cluster, config), 300, "Ray Train's workers", proc,
+                                   poll=0.5)
+        second = next(worker for worker in workers if worker["world_rank"] == 1)
+        harness.wait_for(lambda: logged() >= 8, 300, "step 8 in MLflow", proc, poll=0.1)
+        checkpoints_at_signal = [step for step, _ in run.complete_checkpoints()]
+        reached = logged()
+        os.kill(second["pid"], signal.SIGTERM)
+        signalled_ns = time.time_ns()
+        harness.wait_for(run.latest, 120, "the preemption save", proc, poll=0.05)
+        checkpoints_when_lost = [step for step, _ in run.complete_checkpoints()]
+        cluster.lose_host(second["node_ip"])  # the VM stops
+        replacement = cluster.add_worker_host()
+        out_text, err_text = proc.communicate(timeout=400)
+    except BaseException:
+        harness.kill_group(proc)
+        raise
+    assert proc.returncode == 0, out_text[-3000:] + err_text[-4000:]
+    finished_ns = (run.step_dir(PREEMPT_STEPS) / "state.json").stat().st_mtime_ns
+    return HostPreempted(config, tracking_uri, ray_train_run(cluster, config), cluster.worker_addresses,
+                         victim=second["node_ip"], replacement=replacement.address, reached=reached,
+                         checkpoints_at_signal=checkpoints_at_signal, checkpoints_when_lost=checkpoints_when_lost,
+                         signalled_ns=signalled_ns, finished_ns=finished_ns)
+
+
+@pytest.fixture(scope="module")
+def one_host_40(base, tmp_path_factory) -> tuple[dict[int, float], TrainConfig]:
+    """The same 40 steps in this process, one JAX process on one host."""
+    config = load_config("tiny-cpu", [*base, f"output_dir={tmp_path_factory.mktemp('one_host_40')}",
+                                      "tracking.enabled=false", f"train.steps={PREEMPT_STEPS}",
+                                      "checkpoint.every_steps=20", "eval.every_steps=0"])
+    losses = Losses()
+    Trainer(config, [losses]).fit()
+    return losses.by_step, config
+
+
+@pytest.mark.faults
+def test_a_preempted_host_costs_no_step(host_preempted, one_host_40, fault_report):
+    """Checked while it happened: no checkpoint existed at the signal, the save it caused is at or past the
+    step reached, and it was complete before the host went. Then Ray Train's record: one restart, on the
+    survivor and the new host, whose workers resumed from that save; the run ends on the one-host parameters."""
+    preempted = host_preempted
+    (saved,) = preempted.checkpoints_when_lost
+    assert preempted.checkpoints_at_signal == []
+    assert saved >= preempted.reached >= 8 and saved < 20
+    first, second = preempted.attempts  # exactly one restart
+    assert first["status"] in ("ERRORED", "ABORTED") and second["status"] == "FINISHED"
+    survivors = {worker["node_ip"] for worker in first["workers"]} - {preempted.victim}
+    assert {worker["node_ip"] for worker in second["workers"]} == survivors | {preempted.replacement}
+    run = RunDir(preempted.config.run_dir)
+    logs = [Path(worker["log_file_path"]).read_text(errors="replace") for worker in second["workers"]]
+    assert all(f"resuming from {run.step_dir(saved)} (step {saved})" in log for log in logs)
+    assert_same_params(preempted.final_params(), load_model(RunDir(one_host_40[1].run_dir).latest()[1])[1],
+                       atol=1e-5)
+    losses = preempted.losses()
+    assert sorted(losses) == list(range(1, PREEMPT_STEPS + 1)) and all(len(v) == 1 for v in losses.values())
+    fault_report.fault = ("a worker host preempted while training (its train worker sent SIGTERM, then every "
+                          "process SIGKILLed and the host removed)")
+    fault_report.happened = (f"no checkpoint yet at the signal (step {preempted.reached} reached); both workers "
+                             f"saved step {saved} before the host went; Ray Train's one restart, on the survivor "
+                             f"and a new host, resumed from step {saved}; final parameters equal (atol 1e-5)")
+    fault_report.lost = f"0 steps (saved {saved} >= reached {preempted.reached})"
+    fault_report.recovery_s = preempted.whole_s
+
+
 # --- tokenizing across hosts, one host lost ----------------------------------------------------------------
 
 

@@ -232,10 +232,15 @@ def test_mlflow_run_has_the_config_and_finishes(one_worker):
 def test_partial_checkpoint_is_removed_and_never_loaded(base, tmp_path):
     config = tiny(base, tmp_path, "tracking.enabled=false", "eval.every_steps=0")
     run = RunDir(config.run_dir)
-    partial = run.checkpoints / ".step_00000005.tmp"
-    (partial / "params").mkdir(parents=True)
+    partial = run.step_dir(7) / "state" / "ocdbt.process_0"  # a save cut short: no state.json
+    partial.mkdir(parents=True)
+    (partial / "manifest.ocdbt").write_bytes(b"half")
+    (run.step_dir(7) / "model.json").write_text("{}")
+    earlier = run.checkpoints / ".step_00000005.tmp"  # what an earlier version's crashed save left
+    (earlier / "params").mkdir(parents=True)
+    assert run.complete_checkpoints() == []
     run_in_process(config)
-    assert not partial.exists()
+    assert not run.step_dir(7).exists() and not earlier.exists()
     assert [step for step, _ in run.complete_checkpoints()] == [5, STEPS]
 
 

@@ -345,7 +345,7 @@ class DriverStop:
         return self
 
     def request(self, number: int, frame) -> None:
-        from ray.experimental import internal_kv
+        from ray.experimental import internal_kv  # the store StopRequests reads; Ray is connected by now
 
         if self.signal is not None:
             self.__exit__()
