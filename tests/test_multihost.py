@@ -260,6 +260,16 @@ def running_workers(cluster: hosts.ClusterOfHosts, config: TrainConfig) -> list[
     return running[-1]["workers"] if running and running[-1]["workers"] else None
 
 
+def replace_host_until_done(cluster: hosts.ClusterOfHosts, address: str, proc) -> hosts.Host:
+    """The worker host at `address` lost whole and a new host joined; then the training command `proc` waited
+    for to its end, which must be a success."""
+    cluster.lose_host(address)
+    replacement = cluster.add_worker_host()
+    out_text, err_text = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out_text[-3000:] + err_text[-4000:]
+    return replacement
+
+
 @pytest.fixture(scope="module")
 def host_lost(cluster, base, tmp_path_factory) -> HostLost:
     """`scaling.max_failures=1`; once the step-5 checkpoint is complete, the host of the rank-0 worker (the
@@ -277,13 +287,10 @@ def host_lost(cluster, base, tmp_path_factory) -> HostLost:
         os.kill(first["pid"], signal.SIGSTOP)
         checkpoints_at_kill = [step for step, _ in run.complete_checkpoints()]
         killed_at_ns = time.time_ns()
-        cluster.lose_host(first["node_ip"])
-        replacement = cluster.add_worker_host()
-        out_text, err_text = proc.communicate(timeout=400)
+        replacement = replace_host_until_done(cluster, first["node_ip"], proc)
     except BaseException:
         harness.kill_group(proc)
         raise
-    assert proc.returncode == 0, out_text[-3000:] + err_text[-4000:]
     return HostLost(config, tracking_uri, ray_train_run(cluster, config), cluster.worker_addresses,
                     victim=first["node_ip"], replacement=replacement.address,
                     checkpoints_at_kill=checkpoints_at_kill, killed_at_ns=killed_at_ns)
@@ -382,13 +389,10 @@ def host_preempted(cluster, base, tmp_path_factory) -> HostPreempted:
         signalled_ns = time.time_ns()
         harness.wait_for(run.latest, 120, "the preemption save", proc, poll=0.05)
         checkpoints_when_lost = [step for step, _ in run.complete_checkpoints()]
-        cluster.lose_host(second["node_ip"])  # the VM stops
-        replacement = cluster.add_worker_host()
-        out_text, err_text = proc.communicate(timeout=400)
+        replacement = replace_host_until_done(cluster, second["node_ip"], proc)  # the VM stops
     except BaseException:
         harness.kill_group(proc)
         raise
-    assert proc.returncode == 0, out_text[-3000:] + err_text[-4000:]
     finished_ns = (run.step_dir(PREEMPT_STEPS) / "state.json").stat().st_mtime_ns
     return HostPreempted(config, tracking_uri, ray_train_run(cluster, config), cluster.worker_addresses,
                          victim=second["node_ip"], replacement=replacement.address, reached=reached,

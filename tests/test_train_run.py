@@ -9,6 +9,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -248,3 +249,49 @@ def test_openllama_train_runs_as_a_ray_job(one_worker):
     log = (Path(one_worker.config.output_dir) / "job.log").read_text()
     assert "trained tiny-cpu" in log
     assert RunDir(one_worker.config.run_dir).latest() == (STEPS, RunDir(one_worker.config.run_dir).step_dir(STEPS))
+
+
+def test_rolling_saves_keep_only_the_newest_beside_the_milestones(base, tmp_path):
+    """checkpoint.every_minutes (here 30 ms): saves between the milestones, of which only the newest is ever
+    kept; the final step is a milestone and replaces it."""
+    from openllama.train.trainer import Hook
+
+    config = tiny(base, tmp_path, "tracking.enabled=false", "eval.every_steps=0", "checkpoint.every_steps=100",
+                  "checkpoint.every_minutes=0.0005")
+    run = RunDir(config.run_dir)
+    seen: list[tuple[int, list[int]]] = []
+
+    class Listings(Hook):
+        def on_checkpoint(self, step: int, path, metrics: dict) -> None:
+            seen.append((step, [s for s, _ in run.complete_checkpoints()]))
+
+    Trainer(config, [Listings()]).fit()
+    rolling = [step for step, _ in seen if step != STEPS]
+    assert len(rolling) >= 2, seen  # saved more than once between milestones
+    assert all(listed == [step] for step, listed in seen), seen  # each save, once complete, is the only one
+    assert [s for s, _ in run.complete_checkpoints()] == [STEPS]
+
+
+def test_sigterm_to_a_lone_training_process_saves_the_step_it_reached(base, tmp_path):
+    """No Ray, no jax.distributed (a notebook's Trainer): Python's own handler notices, the step is saved."""
+    run = RunDir(tmp_path / "tiny-cpu")
+    code = ("import sys; from openllama.commands import quiet_libraries; from openllama.train.config import "
+            "load_config; from openllama.train.trainer import Trainer, Hook; quiet_libraries()\n"
+            "class Steps(Hook):\n    def after_step(self, step, metrics): print(step, flush=True)\n"
+            "Trainer(load_config('tiny-cpu', sys.argv[1:]), [Steps()]).fit()")
+    proc = harness.start([sys.executable, "-c", code, *base, f"output_dir={tmp_path}", "tracking.enabled=false",
+                          "eval.every_steps=0", "train.steps=100000", "checkpoint.every_steps=100000"],
+                         harness.clean_env(JAX_PLATFORMS="cpu"), cwd=REPO)
+    try:
+        reached = int(proc.stdout.readline())  # one step done: the loop runs
+        for _ in range(20):
+            reached = int(proc.stdout.readline())
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            harness.kill_group(proc)
+    assert proc.returncode == 1, err[-3000:]
+    (saved,) = [step for step, _ in run.complete_checkpoints()]
+    assert saved >= reached
+    assert f"preempted at step {saved}: saved as {run.step_dir(saved)}" in err

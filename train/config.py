@@ -94,8 +94,8 @@ class ScalingSection:
 class CheckpointSection:
     every_steps: int = 100  # milestones, kept by `keep`; and always at the end
     keep: int = 3  # newest complete milestone checkpoints kept
-    # also save every this many minutes of training (0 = off); of these rolling saves only the newest is kept,
-    # so a crash or preemption loses at most this much, without filling the bucket
+    # also save every this many minutes of training (0 = off; checked every train.log_every steps); of these
+    # rolling saves only the newest is kept, so a crash loses at most about this much, without filling the bucket
     every_minutes: float = 0.0
     # on SIGTERM or SIGINT (a preempted VM, `ray job stop`, Ctrl-C): save the step reached, then stop
     save_on_preemption: bool = True

@@ -34,7 +34,7 @@ from openllama import commands, files, ray_jobs, tracking
 from openllama.config import build, redact_tree, to_dict
 from openllama.data import tokenize, tokenizer
 from openllama.data.shards import DatasetNotFinished, PackedDataset
-from openllama.train.checkpoint import MODEL_JSON, TOKENIZER, RunDir, under
+from openllama.train.checkpoint import MODEL_JSON, STATE_JSON, TOKENIZER, RunDir, under
 from openllama.train.config import TrainConfig, load_config, validate
 from openllama.train.convert import registry
 from openllama.train.convert.hf import write_hf
@@ -89,7 +89,7 @@ class TrackingHook(Hook):
 
 
 class RayReportHook(Hook):
-    """Each checkpoint reported to Ray Train (every worker reports; process 0 names the folder)."""
+    """Each checkpoint reported to Ray Train (every worker reports; process 0 names the folder of a milestone)."""
 
     def __init__(self, rank: int):
         self.rank = rank
@@ -100,10 +100,13 @@ class RayReportHook(Hook):
         from ray.train.v2.api.report_config import CheckpointUploadMode
 
         checkpoint = None
-        if self.rank == 0 and files.is_uri(path):  # named on the filesystem of Ray Train's storage (`ray_storage`)
+        # a rolling or preemption save is deleted by the next one, and Ray Train refuses to start on a run whose
+        # newest reported checkpoint is gone: only milestones are Ray Train's checkpoints
+        milestone = self.rank == 0 and not files.read_json(under(path, STATE_JSON)).get("rolling")
+        if milestone and files.is_uri(path):  # named on the filesystem of Ray Train's storage (`ray_storage`)
             filesystem, fs_path = files.filesystem(path)
             checkpoint = ray.train.Checkpoint(fs_path, filesystem=filesystem)
-        elif self.rank == 0:
+        elif milestone:
             checkpoint = ray.train.Checkpoint.from_directory(str(path))
         ray.train.report({"step": step, "loss": metrics["loss"]}, checkpoint=checkpoint,
                          checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)

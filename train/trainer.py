@@ -211,6 +211,16 @@ class Trainer:
         self.goodput.add("checkpoint_s", self.writer.save(state, info, rolling=rolling))
         self.saving = (done, metrics)
 
+    def rolling_save_due(self, done: int, every_s: float, saved_at: float) -> bool:
+        """Whether `checkpoint.every_minutes` have passed since the last save, checked on logging steps
+        (`train.log_every`) by process 0's clock and told to every process, so that all save the same step."""
+        if every_s <= 0 or done % self.config.train.log_every:
+            return False
+        due = time.perf_counter() - saved_at >= every_s
+        if jax.process_count() > 1:
+            due = bool(multihost_utils.broadcast_one_to_all(np.bool_(due)))
+        return due
+
     def report_saved(self, saved: tuple[int, Path | str] | None) -> None:
         if saved is None:
             return
@@ -285,7 +295,7 @@ class Trainer:
                                                          or done == config.train.steps)
                 milestone = done % config.checkpoint.every_steps == 0 or done == config.train.steps
                 preempted = self.preemption.reached(done)
-                rolling = every_s > 0 and time.perf_counter() - saved_at >= every_s
+                rolling = self.rolling_save_due(done, every_s, saved_at)
                 if evaluates or milestone or preempted or rolling:
                     extra = {}
                     if evaluates:
@@ -301,6 +311,9 @@ class Trainer:
                     self.wait_for_save()
                     raise Preempted(done, self.run.step_dir(done))
             self.wait_for_save()
+        except NonFiniteLoss:  # every process stops at this step: the save in flight is of a good state
+            self.wait_for_save()
+            raise
         finally:
             reader.shutdown(wait=False, cancel_futures=True)
         return {**metrics, "step": last_saved}

@@ -1,11 +1,10 @@
 """Weights a training run can start from (`train.init_from`): one of our checkpoints, a Hugging Face LLaMA
 directory, or an EasyLM file (`params::FILE` and the other load types), read into the run's own layout.
 
-Each parameter is placed straight into its sharding: from our checkpoints orbax reads only the shards a
-process holds, from safetensors only the slices its devices hold, and an EasyLM file is streamed one
-tensor at a time; no host holds the whole model. A run in a bucket is first fetched into local staging
-(`checkpoint.fetch_model`: its weights, once per host). The architecture must be the run's (`model.*`); a field
-that differs is named.
+Each parameter is placed straight into its sharding: from our checkpoints only the shards a process holds
+are read (a training step's state database, local or in a bucket, or orbax's params/), from safetensors
+only the slices its devices hold, and an EasyLM file is streamed one tensor at a time; no host holds the
+whole model. The architecture must be the run's (`model.*`); a field that differs is named.
 """
 
 from __future__ import annotations
