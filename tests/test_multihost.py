@@ -340,7 +340,7 @@ def test_run_with_a_lost_host_logs_each_steps_loss_once(one_host, host_lost):
 
 # --- a worker host preempted: SIGTERM first, then gone -------------------------------------------------------
 
-PREEMPT_STEPS = 40  # milestones every 20: the host is preempted before the first one
+PREEMPT_STEPS = 40  # a milestone at 30: the host is preempted (at step 8 or later) before it
 
 
 @dataclass
@@ -366,7 +366,7 @@ class HostPreempted(AcrossHosts):
 def host_preempted(cluster, base, tmp_path_factory) -> HostPreempted:
     out = tmp_path_factory.mktemp("host_preempted")
     command, config, tracking_uri = train_command(base, out, "scaling.max_failures=1",
-                                                  f"train.steps={PREEMPT_STEPS}", "checkpoint.every_steps=20",
+                                                  f"train.steps={PREEMPT_STEPS}", "checkpoint.every_steps=30",
                                                   "eval.every_steps=0")
     run = RunDir(config.run_dir)
     progress = AcrossHosts(config, tracking_uri, {}, [])
@@ -405,7 +405,7 @@ def one_host_40(base, tmp_path_factory) -> tuple[dict[int, float], TrainConfig]:
     """The same 40 steps in this process, one JAX process on one host."""
     config = load_config("tiny-cpu", [*base, f"output_dir={tmp_path_factory.mktemp('one_host_40')}",
                                       "tracking.enabled=false", f"train.steps={PREEMPT_STEPS}",
-                                      "checkpoint.every_steps=20", "eval.every_steps=0"])
+                                      "checkpoint.every_steps=30", "eval.every_steps=0"])
     losses = Losses()
     Trainer(config, [losses]).fit()
     return losses.by_step, config
@@ -419,7 +419,7 @@ def test_a_preempted_host_costs_no_step(host_preempted, one_host_40, fault_repor
     preempted = host_preempted
     (saved,) = preempted.checkpoints_when_lost
     assert preempted.checkpoints_at_signal == []
-    assert saved >= preempted.reached >= 8 and saved < 20
+    assert saved >= preempted.reached >= 8 and saved < 30  # a save of its own, before the milestone
     first, second = preempted.attempts  # exactly one restart
     assert first["status"] in ("ERRORED", "ABORTED") and second["status"] == "FINISHED"
     survivors = {worker["node_ip"] for worker in first["workers"]} - {preempted.victim}
