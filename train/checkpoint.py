@@ -365,11 +365,9 @@ class CheckpointWriter:
         self.in_flight = None
         return step, future.result()
 
-    def close(self) -> tuple[int, Path | str] | None:
-        try:
-            return self.wait()
-        finally:
-            self.pool.shutdown(wait=True)
+    def close(self, wait: bool = True) -> None:
+        """No more saves; `wait` for the background thread (a save in flight goes on either way)."""
+        self.pool.shutdown(wait=wait)
 
     def _sync(self, name: str) -> None:
         self.barrier(key=f"openllama {self.run.path} {name}", timeout_ms=self.barrier_timeout_ms)
@@ -395,7 +393,9 @@ def save_step(run: RunDir, state: dict, config: LlamaConfig, tokenizer: str | Pa
     """Write the train state of `state['step']` and wait until it is complete on every process."""
     writer = CheckpointWriter(run, config, tokenizer, keep)
     writer.save(state, info)
-    return writer.close()[1]
+    _, path = writer.wait()
+    writer.close()
+    return path
 
 
 def restore_step(path: Path | str, abstract_state: dict, staging: Path | None = None) -> tuple[dict, dict]:

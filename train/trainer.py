@@ -229,13 +229,12 @@ class Trainer:
         for hook in self.hooks:
             hook.on_checkpoint(step, path, metrics)
 
-    def wait_for_save(self) -> int | None:
-        """Wait for the save in flight, tell the hooks; the step saved, if one was in flight."""
+    def wait_for_save(self) -> None:
+        """Wait for the save in flight, if any, and tell the hooks."""
         waited = time.perf_counter()
         saved = self.writer.wait()
         self.goodput.add("checkpoint_s", time.perf_counter() - waited)
         self.report_saved(saved)
-        return saved[0] if saved else None
 
     def fit(self) -> dict[str, float]:
         """Train to `train.steps`; returns the last step's metrics with `step`, the newest checkpoint's step."""
@@ -250,7 +249,7 @@ class Trainer:
             error = caught
             raise
         finally:
-            self.writer.pool.shutdown(wait=error is None)
+            self.writer.close(wait=error is None)
             goodput = self.goodput.summary()
             if self.rank == 0:
                 log.info("this attempt: %s", describe(goodput))
