@@ -373,10 +373,7 @@ class CheckpointWriter:
         self.barrier(key=f"openllama {self.run.path} {name}", timeout_ms=self.barrier_timeout_ms)
 
     def _write(self, step: int, arrays: list[state_db.HostArray], info: dict) -> Path | str:
-        final = self.run.step_dir(step)
-        if self.rank == 0:  # a save of this step from before a crash is not complete meanwhile
-            files.remove_file(under(final, STATE_JSON))
-        self._sync(f"checkpoint {step} started")
+        final = self.run.step_dir(step)  # never complete already: a run resumes from its newest complete step
         state_db.write_part(str(under(final, STATE)), arrays, self.rank)
         self._sync(f"checkpoint {step} written")
         if self.rank == 0:
