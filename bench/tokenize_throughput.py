@@ -27,7 +27,7 @@ import psutil
 import sentencepiece as spm
 
 from openllama import ray_jobs
-from openllama.data.tokenize import tokenize_dataset
+from openllama.data.pack import tokenize_dataset
 from openllama.data.tokenizer import train_sentencepiece
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,6 @@ precision of the OpenLLaMA presets, which torch gets through `torch.autocast`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from collections.abc import Callable
 
@@ -19,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from openllama.train.model import LlamaConfig, init_params
+from openllama.train.model import LlamaConfig, ModelRuntime, init_params
 from openllama.train.step import learning_rate, make_optimizer, make_train_step
 
 # ~100M parameters: a GPT-2-small-sized LLaMA with an 8k vocabulary
@@ -57,12 +56,12 @@ def matmul_peaks(dtype: str, n: int = 2048) -> tuple[float, float]:
 
 def jax_stepper(batch: np.ndarray, dtype: str) -> Callable[[], None]:
     """One compiled training step of ours, run to completion by each call."""
-    config = dataclasses.replace(CONFIG, dtype=dtype)
+    runtime = ModelRuntime(dtype=dtype)
     schedule = learning_rate(3e-4, 3e-5, 1, 1000)
     optimizer = make_optimizer(schedule, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0)
-    params = init_params(config, 0)
+    params = init_params(CONFIG, 0, runtime)
     state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0)}
-    step = jax.jit(make_train_step(config, optimizer, schedule, 1, False), donate_argnums=0)
+    step = jax.jit(make_train_step(CONFIG, runtime, optimizer, schedule, 1, False), donate_argnums=0)
     tokens = jnp.asarray(batch)
 
     def one_step() -> None:

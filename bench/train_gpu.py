@@ -55,7 +55,7 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from openllama.train.model import LlamaConfig, init_params
+    from openllama.train.model import LlamaConfig, ModelRuntime, init_params
     from openllama.train.step import learning_rate, make_optimizer, make_train_step
     device = jax.devices()[0]
     if device.platform != "gpu":
@@ -70,16 +70,17 @@ def main() -> None:
 
     def measure(kernels: str, remat: str) -> float | None:
         """Median step seconds of one variant, or None when it does not fit in the GPU's memory."""
-        config = LlamaConfig.preset("1b", dtype="bfloat16", param_dtype="float32", remat_policy=remat,
-                                    max_position_embeddings=args.seq, kernels=kernels)
+        config = LlamaConfig.preset("1b", max_position_embeddings=args.seq)
+        runtime = ModelRuntime(param_dtype="float32", dtype="bfloat16", remat_policy=remat, kernels=kernels)
 
         def fresh_state():
-            params = init_params(config, 0)
+            params = init_params(config, 0, runtime)
             return {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0)}
 
         try:
             state = jax.jit(fresh_state)()
-            step = jax.jit(make_train_step(config, optimizer, schedule, args.micro_batches, False), donate_argnums=0)
+            step = jax.jit(make_train_step(config, runtime, optimizer, schedule, args.micro_batches, False),
+                           donate_argnums=0)
             state, metrics = step(state, tokens)
             jax.block_until_ready(metrics)
             times = []

@@ -20,7 +20,8 @@ Writers publish every file whole (`openllama.files`): a crashed writer leaves on
 manifest names, so it is never taken for a shard.
 
 Datasets of the first format (`openllama-packed-v1`: parquet shards, which could only be read whole) are
-refused with the command that rewrites them in this one, `openllama data convert OLD --out NEW` (`convert_v1`).
+refused with the command that rewrites them in this one, `openllama data convert OLD --out NEW`, which reads
+them with `read_v1_manifest` and `convert_shard`.
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ FORMAT_V1 = "openllama-packed-v1"
 SPLITS = ("train", "validation")
 SHARD_SUFFIX = ".bin"
 TAILS = "units/{unit_id}.tails.npz"  # a unit's leftover tokens per split, packed by `pack_tails`
-CONVERTED = "units/convert-{key}.json"  # the ledger of `convert_v1`: one entry per shard rewritten
 CHECKSUM_BYTES = 4
 MAX_READ_BYTES = 16 << 20  # one ranged read at most; a longer run of adjacent rows is cut into several
 READ_THREADS = 16  # ranged reads in flight per dataset: a bucket's latency, not its bandwidth, bounds one read
@@ -70,7 +70,7 @@ class ShardCorrupted(Exception):
 
 
 class DatasetNeedsConversion(BadInput):
-    """The dataset is in an older packed format, which this reader does not read; `convert_v1` rewrites it."""
+    """The dataset is in an older packed format, which this reader does not read; `data convert` rewrites it."""
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -273,7 +273,7 @@ def write_tails(root: str, unit_id: str, pending: dict[str, np.ndarray]) -> None
 def pack_tails(root: str, units: list[dict], layout: RowLayout, bos_id: int) -> tuple[list[dict], dict[str, int]]:
     """Pack the leftovers of all units into one tail shard per (split, subset), in unit order.
 
-    `units` are ledger entries (`unit_id`, `subset`, `made_rows` per split). Returns the shard entries and
+    `units` are the tokenize ledger's entries (`unit`, `subset`, `made_rows` per split). Returns the shard entries and
     the tokens dropped per "split/subset" (the final partial row, which cannot be packed).
     """
     shards, dropped = [], {}
@@ -283,8 +283,8 @@ def pack_tails(root: str, units: list[dict], layout: RowLayout, bos_id: int) -> 
             packer = Packer(layout.seq_len)
             with ShardWriter(root, "tail-", split, subset, layout, 1 << 62, bos_id) as writer:
                 first = True
-                for unit in sorted((u for u in units if u["subset"] == subset), key=lambda u: u["unit_id"]):
-                    path = f"{root.rstrip('/')}/{TAILS.format(unit_id=unit['unit_id'])}"
+                for unit in sorted((u for u in units if u["subset"] == subset), key=lambda u: u["unit"]):
+                    path = f"{root.rstrip('/')}/{TAILS.format(unit_id=unit['unit'])}"
                     with np.load(io.BytesIO(files.read_bytes(path))) as tails:
                         tail = tails[split]
                     # a unit's leftover starts with the last token of its last row, already a target: skip it
@@ -309,8 +309,7 @@ def remove_crashed_writes(root: str) -> None:
 
 
 def write_dataset(root: str, rows: Mapping[tuple[str, str], np.ndarray | Iterable[np.ndarray]], seq_len: int,
-                  vocab_size: int, shard_rows: int = 1 << 15, bos_id: int = 1,
-                  extra: Mapping[str, Any] | None = None) -> dict:
+                  vocab_size: int, shard_rows: int = 1 << 15, bos_id: int = 1) -> dict:
     """Publish a finished dataset holding `rows[(split, subset)]` (int [n, seq_len + 1], or chunks of them).
 
     For callers that have rows rather than documents (tests, benchmarks, tools that repack): the shards and
@@ -326,37 +325,69 @@ def write_dataset(root: str, rows: Mapping[tuple[str, str], np.ndarray | Iterabl
                                      f"[n, {layout.width}] for seq_len {seq_len}")
                 writer.add(np.asarray(chunk))
         shards += writer.written
-    manifest = {"format": FORMAT, "finished": True, "seq_len": layout.seq_len, **layout.manifest_fields(),
-                "tokenizer": {"vocab_size": vocab_size}, "shards": shards, "stats": {}, **(extra or {})}
-    files.write_json(f"{root.rstrip('/')}/manifest.json", manifest)
-    return manifest
+    return Manifest(layout, {"vocab_size": vocab_size}, shards, finished=True).write(root)
+
+
+@dataclasses.dataclass
+class Manifest:
+    """A dataset's `manifest.json` (module docstring), built, written and read here only."""
+
+    layout: RowLayout
+    tokenizer: dict  # path, sha256 and vocab_size of the tokenizer that made the tokens
+    shards: list[dict] = dataclasses.field(default_factory=list)
+    stats: dict = dataclasses.field(default_factory=dict)
+    finished: bool = False  # written true last: readers refuse a dataset until then
+    settings: dict | None = None  # what the dataset was built with: a rerun with other settings is refused
+    extra: dict = dataclasses.field(default_factory=dict)  # what a builder adds (converted_from, a v1 run's fields)
+
+    def to_json(self) -> dict:
+        fields = {"format": FORMAT, "finished": self.finished, "seq_len": self.layout.seq_len,
+                  **self.layout.manifest_fields(), "tokenizer": self.tokenizer, "shards": self.shards,
+                  "stats": self.stats}
+        return {**self.extra, **fields, **({} if self.settings is None else {"settings": self.settings})}
+
+    def write(self, root: str) -> dict:
+        """Publish the manifest whole at `root/manifest.json`; returns what was written."""
+        written = self.to_json()
+        files.write_json(Manifest.location(root), written)
+        return written
+
+    @staticmethod
+    def location(root: str) -> str:
+        return f"{str(root).rstrip('/')}/manifest.json"
+
+    @staticmethod
+    def find(root: str) -> dict | None:
+        """Whatever manifest `root` holds, in any state or format (None: none), for a builder to resume or refuse."""
+        location = Manifest.location(root)
+        return files.read_json(location) if files.is_file(location) else None
+
+    @staticmethod
+    def read(root: str) -> dict:
+        """A dataset's manifest, refused unless finished and in this format (an old one names its conversion)."""
+        manifest_path = Manifest.location(root)
+        try:
+            manifest = files.read_json(manifest_path)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{root}: no manifest.json; build the dataset with `openllama data tokenize ... --out {root}`"
+            ) from None
+        if manifest.get("format") == FORMAT_V1:
+            raise DatasetNeedsConversion(
+                f"{root} is in the old format {FORMAT_V1} (parquet shards, read whole for every row); rewrite it "
+                f"once with `openllama data convert {root} --out NEW_DIR` and point at NEW_DIR"
+            )
+        if manifest.get("format") != FORMAT:
+            raise BadInput(f"{manifest_path}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
+        if manifest.get("finished") is not True:
+            raise DatasetNotFinished(
+                f"{root}: manifest.json has finished={manifest.get('finished')!r}; the tokenize run did not "
+                "complete. Rerun the same `openllama data tokenize` command to finish it."
+            )
+        return manifest
 
 
 # --- reading ------------------------------------------------------------------------------------------
-
-
-def read_manifest(root: str) -> dict:
-    """A dataset's manifest, refused unless finished and in this format (an old one names its conversion)."""
-    manifest_path = f"{str(root).rstrip('/')}/manifest.json"
-    try:
-        manifest = files.read_json(manifest_path)
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"{root}: no manifest.json; build the dataset with `openllama data tokenize ... --out {root}`"
-        ) from None
-    if manifest.get("format") == FORMAT_V1:
-        raise DatasetNeedsConversion(
-            f"{root} is in the old format {FORMAT_V1} (parquet shards, read whole for every row); rewrite it once "
-            f"with `openllama data convert {root} --out NEW_DIR` and point at NEW_DIR"
-        )
-    if manifest.get("format") != FORMAT:
-        raise BadInput(f"{manifest_path}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
-    if manifest.get("finished") is not True:
-        raise DatasetNotFinished(
-            f"{root}: manifest.json has finished={manifest.get('finished')!r}; the tokenize run did not "
-            "complete. Rerun the same `openllama data tokenize` command to finish it."
-        )
-    return manifest
 
 
 class PackedDataset:
@@ -394,7 +425,7 @@ class PackedDataset:
 
     @classmethod
     def open(cls, root: str, split: str = "train") -> PackedDataset:
-        manifest = read_manifest(str(root))
+        manifest = Manifest.read(str(root))
         splits = {s["split"] for s in manifest["shards"]}
         if split not in splits:
             raise BadInput(f"{root}: no shards for split {split!r} (has: {sorted(splits)})")
@@ -557,15 +588,9 @@ def tokens_to_numpy(column: pa.ChunkedArray | pa.Array, width: int) -> np.ndarra
     return array.reshape(len(column), width)
 
 
-def convert_v1(source: str, out: str) -> dict:
-    """Rewrite a finished `openllama-packed-v1` dataset at `source` as this format at `out`; returns its manifest.
-
-    The rows are the same, shard for shard (`x.parquet` becomes `x.bin`). Each converted shard is recorded
-    in `out/units/`, so a killed conversion rerun with the same arguments redoes only what was not done;
-    the manifest is written last.
-    """
-    source, out = source.rstrip("/"), out.rstrip("/")
-    old = files.read_json(f"{source}/manifest.json") if _is_file(f"{source}/manifest.json") else None
+def read_v1_manifest(source: str, out: str) -> dict:
+    """The manifest of the finished `openllama-packed-v1` dataset at `source`, to convert into `out`."""
+    old = Manifest.find(source)
     if old is None:
         raise FileNotFoundError(f"{source}: no manifest.json; pass the folder of an {FORMAT_V1} dataset")
     if old.get("format") != FORMAT_V1:
@@ -575,50 +600,10 @@ def convert_v1(source: str, out: str) -> dict:
                                  f"{FORMAT_V1} dataset cannot be converted. Tokenize again into a new --out.")
     if files.filesystem(source)[1] == files.filesystem(out)[1] and files.is_uri(source) == files.is_uri(out):
         raise BadInput(f"--out {out} is the dataset being converted; choose a new folder")
-    settings = {**old.get("settings", {}), "format": FORMAT}
-    if _is_file(f"{out}/manifest.json"):
-        previous = files.read_json(f"{out}/manifest.json")
-        if previous.get("converted_from") != source or previous.get("settings") != settings:
-            raise BadInput(f"--out {out} holds another dataset; choose a new folder or delete it")
-        if previous.get("finished") is True:
-            return previous
-    vocab_size = (old.get("tokenizer") or {}).get("vocab_size") or 1 << 32
-    layout = RowLayout.for_vocabulary(int(old["seq_len"]), vocab_size)
-    manifest = {**{k: v for k, v in old.items() if k != "shards"}, "format": FORMAT, "finished": False,
-                "settings": settings, "converted_from": source, "shards": [], **layout.manifest_fields()}
-    files.write_json(f"{out}/manifest.json", manifest)
-    remove_crashed_writes(out)
-    shards = []
-    for entry in old["shards"]:
-        ledger = f"{out}/{CONVERTED.format(key=hashlib.sha1(entry['path'].encode()).hexdigest()[:16])}"
-        done = files.read_json(ledger) if _is_file(ledger) else None
-        if done is None or done.get("source_sha256") != entry["sha256"]:
-            done = {"source": entry["path"], "source_sha256": entry["sha256"],
-                    "shard": _convert_shard(source, out, entry, layout)}
-            files.write_json(ledger, done)
-        shards.append(done["shard"])
-    for name in ["stats.json", *_files_under(source, "rejected")]:  # what the old run said besides its shards
-        if _is_file(f"{source}/{name}"):
-            files.copy_file(f"{source}/{name}", f"{out}/{name}")
-    manifest.update(finished=True, shards=shards)
-    files.write_json(f"{out}/manifest.json", manifest)
-    return manifest
+    return old
 
 
-def _files_under(root: str, folder: str) -> list[str]:
-    """Paths relative to `root` of the files directly in `root/folder` (none when there is no such folder)."""
-    fs, path = files.filesystem(f"{root}/{folder}")
-    found = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    return [f"{folder}/{info.base_name}" for info in found
-            if info.type == pafs.FileType.File and not info.base_name.startswith(".")]
-
-
-def _is_file(location: str) -> bool:
-    fs, path = files.filesystem(location)
-    return fs.get_file_info(path).type == pafs.FileType.File
-
-
-def _convert_shard(source: str, out: str, entry: dict, layout: RowLayout) -> dict:
+def convert_shard(source: str, out: str, entry: dict, layout: RowLayout) -> dict:
     """One v1 parquet shard, its sha256 checked first, streamed batch by batch into a v2 shard."""
     location = f"{source}/{entry['path']}"
     digest = files.sha256_of(location)

@@ -6,7 +6,6 @@ so normalization is identity, extra whitespace is kept and documents are fed who
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import heapq
@@ -26,7 +25,7 @@ from tqdm import tqdm
 
 from openllama import commands, files, ray_jobs
 from openllama.commands import BadInput
-from openllama.config import ConfigError, add_config_arguments, from_arguments
+from openllama.config import METAVAR, PARSE, POSITIONAL, ConfigError
 from openllama.data import mixture, redpajama
 
 log = logging.getLogger(__name__)
@@ -59,12 +58,15 @@ LLAMA_SETTINGS = {
 class TokenizerTrainConfig:
     """Everything `openllama tokenizer train` runs with."""
 
-    inputs: list[str]  # RedPajama folders, files or globs (local or URI)
-    out: str  # folder for tokenizer.model and tokenizer_settings.json
-    vocab_size: int = 32000
+    # RedPajama folders, .jsonl/.jsonl.zst files or globs (local or gs://, s3://)
+    inputs: list[str] = dataclasses.field(metadata={POSITIONAL: True, METAVAR: "INPUT"})
+    out: str  # folder for tokenizer.model and tokenizer_settings.json (local or URI)
+    vocab_size: int = 32000  # pieces in the vocabulary, byte fallback's 259 included
     sample_docs: int = 100_000  # documents to train on, split across subsets by weight
-    seed: int = 0
-    weights: dict[str, float] | None = None  # subset -> mixture weight; None: LLaMA's
+    seed: int = 0  # seed of the document sample and of training
+    # subset -> mixture weight, e.g. common_crawl=0.67,c4=0.15; None: LLaMA's
+    weights: dict[str, float] | None = dataclasses.field(
+        default=None, metadata={PARSE: mixture.parse_weights, METAVAR: "SUBSET=WEIGHT,..."})
 
     def __post_init__(self) -> None:
         if self.vocab_size <= BYTE_FALLBACK_PIECES:
@@ -196,34 +198,12 @@ def build_tokenizer(config: TokenizerTrainConfig) -> str:
     return model_path
 
 
-def main(argv: list[str]) -> int:
-    defaults = TokenizerTrainConfig
-    parser = argparse.ArgumentParser(prog="openllama tokenizer", description="Train LLaMA's SentencePiece tokenizer.",
-                                     epilog=commands.EXIT_CODES)
-    verbs = parser.add_subparsers(dest="command", required=True)
-    train = verbs.add_parser(
-        "train", help="sample RedPajama by mixture weight and train a tokenizer", epilog=commands.EXIT_CODES,
-        description="Sample RedPajama by mixture weight (on Ray Data) and train a SentencePiece tokenizer with "
-                    "LLaMA's settings. A rerun with the same inputs and settings reuses the finished one.")
-    train.add_argument("inputs", nargs="*", metavar="INPUT", help="RedPajama folders, files or globs")
-    train.add_argument("--out", help="folder for tokenizer.model and tokenizer_settings.json (required)")
-    train.add_argument("--vocab-size", type=int, help=f"pieces in the vocabulary (default: {defaults.vocab_size})")
-    train.add_argument("--sample-docs", type=int,
-                       help=f"documents to train on, split across subsets by weight (default: {defaults.sample_docs})")
-    train.add_argument("--seed", type=int,
-                       help=f"seed of the document sample and of training (default: {defaults.seed})")
-    train.add_argument("--weights", type=mixture.parse_weights,
-                       help="mixture weights like common_crawl=0.67,c4=0.15 (default: LLaMA's)")
-    add_config_arguments(train)
-    args = parser.parse_args(argv)
-    args.inputs = args.inputs or None  # none on the command line: from --config or --set
-
-    def work() -> None:
-        settings = from_arguments(TokenizerTrainConfig, args)
-        commands.quiet_libraries()
-        print(build_tokenizer(settings))
-
-    return commands.run("openllama tokenizer train", work)
+def train_command(config: TokenizerTrainConfig) -> None:
+    """Sample RedPajama by mixture weight (on Ray Data) and train a SentencePiece tokenizer with LLaMA's
+    settings; prints the tokenizer.model written. A rerun with the same inputs and settings reuses the
+    finished one."""
+    commands.quiet_libraries()
+    print(build_tokenizer(config))
 
 
 def load_for_model(path: str | Path, vocab_size: int, bos_id: int, eos_id: int) -> spm.SentencePieceProcessor:

@@ -49,7 +49,7 @@ class Scorer:
         self.tokenizer = load_for_model(tokenizer_path, self.config.vocab_size, self.config.bos_token_id,
                                         self.config.eos_token_id)
         self.max_length = max_length
-        model = Llama(self.config)
+        model = Llama(self.config, decode.RUNTIME)
 
         def hidden_states(params: Any, tokens: jax.Array, positions: jax.Array, questions: jax.Array,
                           branches: jax.Array) -> jax.Array:

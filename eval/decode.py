@@ -12,11 +12,10 @@ nucleus sampling from explicit PRNG keys, so a seed reproduces the same text.
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TextIO
 
@@ -26,12 +25,15 @@ import numpy as np
 import sentencepiece as spm
 
 from openllama import commands, files
-from openllama.config import ConfigError, add_config_arguments, from_arguments
+from openllama.config import POSITIONAL, ConfigError
 from openllama.data.tokenizer import load_for_model
 from openllama.eval.packing import bucket_length
 from openllama.train import checkpoint
-from openllama.train.model import Llama, LlamaConfig, init_cache
+from openllama.train.model import Llama, LlamaConfig, ModelRuntime, init_cache
 
+# how eval and generation run a checkpoint, whatever the run that trained it chose: float32 compute, the
+# backend's own kernels, layer by layer (the KV cache is per layer); the weights keep the dtype they were saved in
+RUNTIME = ModelRuntime()
 CACHE_ROUNDING = 128  # cache lengths are rounded up so the decode step compiles once for many lengths
 
 # sees each new token id as it is made; returning True stops the generation after that token
@@ -70,7 +72,7 @@ def sample_next(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p
 def _forward_and_sample(config: LlamaConfig, params: dict, ids: jax.Array, cache: list[dict], key: jax.Array,
                         temperature: jax.Array, top_p: jax.Array) -> tuple[jax.Array, list[dict]]:
     """Run `ids` [batch, seq] through the model on top of `cache`; sample the token after the last one."""
-    logits, cache = Llama(config).apply({"params": params}, ids, cache=cache)
+    logits, cache = Llama(config, RUNTIME).apply({"params": params}, ids, cache=cache)
     return sample_next(logits[:, -1], key, temperature, top_p), cache
 
 
@@ -86,7 +88,7 @@ def _prefill(config: LlamaConfig, params: dict, padded: jax.Array, length: jax.A
     the causal mask never lets a query see keys beyond its own position, so the padding is never read.
     The output layer runs at the last prompt position only.
     """
-    model = Llama(config)
+    model = Llama(config, RUNTIME)
     hidden, cache = model.apply({"params": params}, padded, cache=cache, method=Llama.hidden_states)
     logits = model.apply({"params": params}, hidden[:, length - 1], method=Llama.logits)
     cache = [dict(layer, index=length) for layer in cache]
@@ -133,7 +135,7 @@ def _generate_group(params: dict, config: LlamaConfig, prompts: np.ndarray, max_
     cache_length = -(-(prompt_len + max_new_tokens) // CACHE_ROUNDING) * CACHE_ROUNDING
     padded = np.zeros((batch, bucket_length(prompt_len, cache_length)), np.int32)
     padded[:, :prompt_len] = prompts
-    cache = init_cache(config, batch, cache_length)
+    cache = init_cache(config, RUNTIME, batch, cache_length)
     temperature, top_p = jnp.float32(temperature), jnp.float32(top_p)
     token, cache = _prefill(config, params, jnp.asarray(padded), jnp.int32(prompt_len), cache,
                             jax.random.fold_in(key, 0), temperature, top_p)
@@ -233,13 +235,14 @@ def unescape(text: str) -> str:
 class GenerateConfig:
     """`openllama generate`'s settings: what to continue, how far, how to choose each token."""
 
-    checkpoint: str  # a model checkpoint, or a training run directory (its newest checkpoint)
-    prompt: str  # \n and \t typed in a shell become newline and tab
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0 means greedy
-    top_p: float = 1.0
-    seed: int = 0
-    tokenizer: str | None = None  # None: the checkpoint's own tokenizer.model
+    # a model checkpoint, or a training run directory (its newest checkpoint)
+    checkpoint: str = field(metadata={POSITIONAL: True})
+    prompt: str  # the text to continue; \n and \t typed in a shell become newline and tab
+    max_new_tokens: int = 64  # tokens to generate at most
+    temperature: float = 0.0  # sampling temperature; 0 means greedy
+    top_p: float = 1.0  # nucleus sampling: the probability mass drawn from, in (0, 1]
+    seed: int = 0  # seed of the sampling keys
+    tokenizer: str | None = None  # SentencePiece tokenizer.model (None: the checkpoint's own)
     output: str | None = None  # also write the prompt and continuation to this file, whole once done
 
     def __post_init__(self) -> None:
@@ -247,7 +250,8 @@ class GenerateConfig:
 
 
 def stream_generation(settings: GenerateConfig, out: TextIO | None = None) -> None:
-    """Print the prompt, then its continuation token by token; the tokenizer is checked before weights load."""
+    """Generate text from a checkpoint: print the prompt, then its continuation token by token as it is made.
+    The tokenizer is checked against the checkpoint before any weights load."""
     out = out or sys.stdout
     model_config = checkpoint.read_config(settings.checkpoint)
     tokenizer_path = settings.tokenizer or checkpoint.tokenizer_of(settings.checkpoint)
@@ -268,26 +272,3 @@ def stream_generation(settings: GenerateConfig, out: TextIO | None = None) -> No
     stream.finish()
     if settings.output:
         files.write_text(settings.output, prompt + stream.continuation)
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="openllama generate", description="Generate text from a checkpoint, streamed as it is made.",
-        epilog=commands.EXIT_CODES,
-    )
-    parser.add_argument("checkpoint", nargs="?",
-                        help="model checkpoint, or a training run directory (its newest checkpoint)")
-    parser.add_argument("--prompt", help=r"prompt text; \n and \t are turned into newline and tab")
-    parser.add_argument("--max-new-tokens", type=int, help="tokens to generate at most (default: 64)")
-    parser.add_argument("--temperature", type=float, help="0 means greedy (default: 0)")
-    parser.add_argument("--top-p", type=float, help="nucleus sampling mass, in (0, 1] (default: 1)")
-    parser.add_argument("--seed", type=int, help="seed of the sampling keys (default: 0)")
-    parser.add_argument("--tokenizer", help="tokenizer.model (default: the checkpoint's)")
-    parser.add_argument("--output", help="also write the text to this file, published whole when done")
-    add_config_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        settings = from_arguments(GenerateConfig, args)
-    except ConfigError as error:
-        parser.exit(2, f"{parser.prog}: {error}\n")  # exit 2 with one line, as argparse does for a bad flag
-    return commands.run(parser.prog, lambda: stream_generation(settings))

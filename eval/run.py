@@ -9,7 +9,6 @@ packed dataset's validation split, computed by the code training uses (`train/he
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import json
 import math
@@ -25,16 +24,17 @@ import jax
 
 from openllama import commands, files
 from openllama.commands import BadInput
-from openllama.config import ConfigError, add_config_arguments, from_arguments
+from openllama.config import METAVAR, PARSE, POSITIONAL, ConfigError
 from openllama.data.shards import DatasetNotFinished, PackedDataset
 from openllama.data.tokenizer import load_for_model
 from openllama.eval import published
+from openllama.eval.decode import RUNTIME
+from openllama.eval.task_texts import TASK_PACK
 from openllama.train import checkpoint
 from openllama.train.heldout import heldout_metrics
 from openllama.train.model import LlamaConfig
 from openllama.train.step import make_eval_step
 
-TASK_PACK = Path(__file__).resolve().parent / "tasks"
 EXPERIMENT = "eval"
 LM_EVAL_MISSING = "lm-eval is not installed: pip install 'openllama-ray[eval]'"
 
@@ -49,23 +49,35 @@ class EvalInputError(BadInput):
     """A request that cannot be evaluated; raised before any model work."""
 
 
+def task_list(text: str) -> list[str]:
+    """`--tasks a,b` as ["a", "b"]."""
+    return [task.strip() for task in text.split(",") if task.strip()]
+
+
 @dataclass
 class EvalConfig:
     """`openllama eval`'s settings (`--config YAML`, the flags, `--set KEY=VALUE`), checked before any work."""
 
-    checkpoint: str  # a model checkpoint, or a training run directory (its newest checkpoint)
-    tasks: list[str] = field(default_factory=list)  # lm-eval tasks or groups; `openllama` = OpenLLaMA's suite
-    limit: int | float | None = None  # documents per task, or a fraction of each task below 1
-    num_fewshot: int | None = None  # None: each task's own
-    include_path: list[str] = field(default_factory=list)  # more folders of lm-eval task YAMLs
+    # a model checkpoint, or a training run directory (its newest checkpoint)
+    checkpoint: str = field(metadata={POSITIONAL: True})
+    # lm-eval tasks or groups, comma-separated on the command line; `openllama` = OpenLLaMA's zero-shot suite,
+    # `openllama_local` = the offline task pack
+    tasks: list[str] = field(default_factory=list, metadata={PARSE: task_list, METAVAR: "TASK,..."})
+    limit: int | float | None = None  # documents per task (a whole number), or a fraction of each task below 1
+    num_fewshot: int | None = None  # few-shot examples per request (None: each task's own)
+    # another folder of lm-eval task YAMLs
+    include_path: list[str] = field(default_factory=list, metadata={METAVAR: "DIR"})
     workers: int = 1  # Ray actors that each hold the model
-    batch_size: int = 16  # packed rows scored together (a row holds several requests)
-    tokenizer: str | None = None  # None: the checkpoint's own tokenizer.model
+    batch_size: int = 16  # packed rows scored together (a row holds several requests); also rows per perplexity batch
+    tokenizer: str | None = None  # SentencePiece tokenizer.model (None: the checkpoint's own)
     compare: bool = False  # show the published GPT-J / LLaMA / OpenLLaMA columns beside ours
-    compare_table: str | None = None  # which published table: v1 (None: the default) or preview; implies compare
-    output: str | None = None  # folder for results.json and table.md
-    perplexity: str | None = None  # a packed dataset whose validation split is scored
-    seed: int = 0  # few-shot sampling
+    # the published table compare shows: v1 (the 1T-token release; None: v1) or preview (OpenLLaMA 7B at 400B
+    # and 3B at 350B tokens, GPT-J 6B, LLaMA 7B); implies compare
+    compare_table: str | None = None
+    output: str | None = None  # folder for results.json and table.md (None: none kept)
+    # also the loss and perplexity per subset of this packed dataset's validation split
+    perplexity: str | None = field(default=None, metadata={METAVAR: "DATA_DIR"})
+    seed: int = 0  # seed of few-shot sampling
     mlflow: bool = True  # log the results to MLflow experiment `eval`
 
     def __post_init__(self) -> None:
@@ -297,7 +309,7 @@ def held_out_perplexity(config: LlamaConfig, params: Any, dataset: PackedDataset
     Every target of every packed row is scored as training scores it (no extra BOS), so the loss is
     training's `val/<subset>/loss` on the same rows.
     """
-    evaluate_batch = jax.jit(make_eval_step(config))  # on the params' device; one shape, one compile
+    evaluate_batch = jax.jit(make_eval_step(config, RUNTIME))  # on the params' device; one shape, one compile
 
     def score(tokens: Any, weight: Any) -> tuple[float, float]:
         loss_sum, count = evaluate_batch(params, tokens, weight)
@@ -400,55 +412,10 @@ def report(settings: EvalConfig) -> int:
     return 0
 
 
-def task_list(text: str) -> list[str]:
-    """`--tasks a,b` as ["a", "b"]."""
-    return [task.strip() for task in text.split(",") if task.strip()]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The flags of `openllama eval`; each defaults to None so that EvalConfig holds the one default."""
-    parser = argparse.ArgumentParser(
-        prog="openllama eval",
-        description="Evaluate a checkpoint with lm-evaluation-harness tasks and print OpenLLaMA's table.",
-        epilog=commands.EXIT_CODES,
-    )
-    parser.add_argument("checkpoint", nargs="?",
-                        help="a model checkpoint dir, or a training run dir (its newest checkpoint)")
-    parser.add_argument("--tasks", type=task_list,
-                        help="comma-separated lm-eval tasks or groups; `openllama` = OpenLLaMA's zero-shot "
-                             "suite, `openllama_local` = the offline task pack")
-    parser.add_argument("--limit", type=float,
-                        help="documents per task (an integer), or a fraction of each task below 1 (default: all)")
-    parser.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
-    parser.add_argument("--include-path", action="append", metavar="DIR",
-                        help="another folder of lm-eval task YAMLs (repeatable)")
-    parser.add_argument("--workers", type=int, help="Ray actors that each hold the model (default: 1)")
-    parser.add_argument("--batch-size", type=int,
-                        help="packed rows scored together, a row holding several requests; also the rows "
-                             "per --perplexity batch (default: 16)")
-    parser.add_argument("--tokenizer", help="SentencePiece model (default: the checkpoint's)")
-    parser.add_argument("--compare", action="store_true", default=None,
-                        help="show the published GPT-J / LLaMA / OpenLLaMA columns beside ours")
-    parser.add_argument("--compare-table", choices=sorted(published.COMPARE_TABLES),
-                        help="the published table --compare shows: v1 (default; the 1T-token release) or preview "
-                             "(OpenLLaMA 7B 400B / 3B 350B tokens, GPT-J 6B, LLaMA 7B); implies --compare")
-    parser.add_argument("--output", help="folder for results.json and table.md (default: none kept)")
-    parser.add_argument("--perplexity", metavar="DATA_DIR",
-                        help="also report loss and perplexity per subset of a packed dataset's validation split")
-    parser.add_argument("--seed", type=int, help="seed for few-shot sampling (default: 0)")
-    parser.add_argument("--no-mlflow", dest="mlflow", action="store_false", default=None,
-                        help="do not log to MLflow (default: log to experiment `eval`)")
-    add_config_arguments(parser)
-    return parser
-
-
-def main(argv: list[str]) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        settings = from_arguments(EvalConfig, args)
-        settings.check_has_work()
-    except ConfigError as error:
-        parser.exit(2, f"{parser.prog}: {error}\n")  # exit 2 with one line, as argparse does for a bad flag
+def eval_command(settings: EvalConfig) -> int:
+    """Evaluate a checkpoint with lm-evaluation-harness tasks and print OpenLLaMA's table. Everything that can be
+    wrong with the request is refused before the model loads. Results go to --output (results.json, table.md)
+    and to the MLflow experiment `eval`; --perplexity DATA_DIR adds the held-out loss of a packed dataset."""
+    settings.check_has_work()
     commands.quiet_libraries()
-    return commands.run(parser.prog, lambda: report(settings))
+    return report(settings)

@@ -7,8 +7,14 @@ is allowed. Stages define their own dataclasses; this module only builds and che
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import functools
+import inspect
+import io
 import re
+import textwrap
+import tokenize
 import types
 import typing
 from collections.abc import Callable
@@ -17,7 +23,6 @@ from typing import Any, TypeVar
 
 import yaml
 
-from openllama import commands
 from openllama.commands import BadInput
 
 T = TypeVar("T")
@@ -186,7 +191,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """`--config YAML` and `--set KEY=VALUE`, beside a command's own flags (which win over the file)."""
     parser.add_argument("--config", metavar="YAML", help="settings file; flags and --set win over it")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                        help="any setting of `openllama config show` for this command (repeatable)")
+                        help="any field `openllama config show` lists for this command, the value read as YAML; "
+                             "also the fields no flag sets (repeatable)")
 
 
 def from_arguments(cls: type[T], args: argparse.Namespace) -> T:
@@ -204,13 +210,173 @@ def from_arguments(cls: type[T], args: argparse.Namespace) -> T:
     return build(cls, apply_overrides(values, getattr(args, "overrides", None) or []))
 
 
-def run_command(parser: argparse.ArgumentParser, cls: type[T], argv: list[str],
-                work: Callable[[T], int | None]) -> int:
-    """A command's whole life: parse `argv` (its flags and `--config`/`--set`), build its typed config,
-    and run `work` on it under the exit-code convention of `openllama.commands`."""
-    add_config_arguments(parser)
-    args = parser.parse_args(argv)
-    return commands.run(parser.prog, lambda: work(from_arguments(cls, args)))
+# --- flags derived from a config dataclass ------------------------------------------------------------
+# Every field of a command's config is its flag: `seq_len` is `--seq-len`, its help is the field's comment
+# and its default the dataclass's, so `--help`, `openllama config show` and `--set` agree by construction.
+# A field's `dataclasses.field(metadata={...})` may shape its flag with these keys:
+
+POSITIONAL = "positional"  # True: an argument, not a flag (a list takes any number); none given: --config/--set
+FLAG = "flag"  # the spelling to keep where it is not the derived `--field-name` (`--filter` for `filters`)
+METAVAR = "metavar"  # the name of the value in --help (`NAME`, `DIR`); a positional's name (default: FIELD_NAME)
+PARSE = "parse"  # a function from the flag's one word to the field's value (`--tasks a,b`, `--weights c4=1`)
+BARE = "bare"  # the value of the flag given with no value after it (`--register` alone means "")
+
+
+@functools.cache
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field's comment in the source of `cls` (and of its dataclass bases): the comment lines directly
+    above the field, then the one on its line. It is the field's --help, written once beside the field."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass) and klass is not cls:
+            comments.update(field_comments(klass))
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source (built in a REPL): the flags go without help
+        return comments
+    by_line: dict[int, tuple[str, bool]] = {}  # line -> (comment text, whether the comment is the whole line)
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            by_line[token.start[0]] = (token.string.lstrip("#").strip(), token.line.lstrip().startswith("#"))
+    class_def = ast.parse(source).body[0]
+    for node in class_def.body if isinstance(class_def, ast.ClassDef) else []:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        above, line = [], node.lineno - 1
+        while line in by_line and by_line[line][1]:
+            above.insert(0, by_line[line][0])
+            line -= 1
+        beside = [by_line[n][0] for n in range(node.lineno, (node.end_lineno or node.lineno) + 1) if n in by_line]
+        comments[node.target.id] = " ".join(above + beside)
+    return comments
+
+
+def _without_none(hint: Any) -> Any:
+    """`str | None` as `str`: None is a default, never something typed on a command line. (A union of
+    several types, `int | float | None`, stays whole: its flag's word is read as YAML.)"""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        return options[0] if len(options) == 1 else hint
+    return hint
+
+
+def _is_text(hint: Any) -> bool:
+    if typing.get_origin(hint) is typing.Literal:
+        return all(isinstance(a, str) for a in typing.get_args(hint))
+    return hint is str
+
+
+def _flag_type(hint: Any) -> Callable[[str], Any]:
+    """How a flag's word becomes a value: as typed for text, else read as YAML, exactly as `--set` reads it,
+    so that `build` checks it and a bad value is one line naming the field."""
+    return str if _is_text(hint) else _read_yaml_word
+
+
+def _read_yaml_word(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text  # not YAML: `build` refuses it by the field's type
+
+
+def _parsing(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`parse`, its refusal kept word for word in argparse's one line (argparse rewords a plain ValueError)."""
+    def read(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from error
+
+    read.__name__ = getattr(parse, "__name__", "value")
+    return read
+
+
+def settable_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields of `cls` a flag sets: all but nested dataclasses and mappings (without a PARSE), which
+    `--set a.b=value` and `--config` reach."""
+    hints = typing.get_type_hints(cls)
+
+    def flat(hint: Any) -> bool:
+        origin = typing.get_origin(hint)
+        if origin in (list, tuple):
+            return all(flat(a) for a in typing.get_args(hint) if a is not Ellipsis)
+        if origin in (typing.Union, types.UnionType):
+            return all(flat(a) for a in typing.get_args(hint))
+        return not (dataclasses.is_dataclass(hint) or hint is dict or origin is dict)
+
+    return [f for f in dataclasses.fields(cls) if f.init and (PARSE in f.metadata or flat(hints[f.name]))]
+
+
+def flag_of(field: dataclasses.Field) -> str:
+    """What sets `field` on a command line: `--seq-len` for `seq_len`, the spelling its metadata keeps, or,
+    for a positional field, the name its value goes by in --help (`INPUT`)."""
+    if field.metadata.get(POSITIONAL):
+        return field.metadata.get(METAVAR, field.name.upper())
+    return field.metadata.get(FLAG, "--" + field.name.replace("_", "-"))
+
+
+def default_of(field: dataclasses.Field) -> Any:
+    """The dataclass's default of `field` (a factory's value), or REQUIRED."""
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return REQUIRED
+
+
+class _NoneIfEmpty(argparse.Action):
+    """A positional list given no values is not given, so that `--config` or `--set` may supply it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values or None)
+
+
+def add_field_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per settable field of `cls`, each defaulting to None so that `cls` keeps the one default
+    (`from_arguments`): bools as `--x/--no-x`, a Literal as choices, a list as a repeatable flag."""
+    hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
+    for field in settable_fields(cls):
+        hint, meta = _without_none(hints[field.name]), field.metadata
+        origin = typing.get_origin(hint)
+        is_list = origin in (list, tuple) and PARSE not in meta
+        item = _without_none(typing.get_args(hint)[0]) if is_list else hint
+        default = default_of(field)
+        notes = ["required" if default is REQUIRED else f"default: {_spelled(default)}"]
+        if is_list and not meta.get(POSITIONAL):
+            notes.append("repeatable")
+        help_text = " ".join(filter(None, [comments.get(field.name, ""), f"({'; '.join(notes)})"]))
+        options: dict[str, Any] = {"help": help_text.replace("%", "%%"), "default": None}
+        if PARSE in meta:
+            options["type"] = _parsing(meta[PARSE])
+        elif typing.get_origin(item) is typing.Literal:
+            choices = typing.get_args(item)
+            options.update(choices=choices, type=_flag_type(item))
+        elif item is not bool:
+            options["type"] = _flag_type(item)
+        if meta.get(POSITIONAL):
+            if is_list:
+                options.update(nargs="*", action=_NoneIfEmpty)
+            else:
+                options["nargs"] = "?"
+            parser.add_argument(field.name, metavar=flag_of(field), **options)
+            continue
+        if item is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif is_list:
+            options["action"] = "append"
+        if METAVAR in meta:
+            options["metavar"] = meta[METAVAR]
+        if BARE in meta:
+            options.update(nargs="?", const=meta[BARE])
+        parser.add_argument(flag_of(field), dest=field.name, **options)
+
+
+def _spelled(value: Any) -> str:
+    """A default as `--set` and `openllama config show` spell it (YAML: null, true, [short])."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    return text.removesuffix("...").strip()
 
 
 def describe(cls: type, overrides: list[str] | None = None) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import fnmatch
 import functools
 import glob
 import hashlib
+import io
 import json
 import os
 import re
@@ -27,7 +28,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from openllama.commands import BadInput, WorkFailed
 
@@ -231,6 +234,18 @@ def write_text(target: str | Path, text: str) -> None:
 def write_json(target: str | Path, value: Any) -> None:
     """`value` as indented JSON with sorted keys (stable bytes for the same value), published whole."""
     write_text(target, json.dumps(value, indent=2, sort_keys=True))
+
+
+def write_parquet(target: str | Path, table: pa.Table) -> None:
+    """`table` as one parquet file, published whole."""
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    write_bytes(target, sink.getvalue())
+
+
+def read_parquet(source: str | Path) -> pa.Table:
+    """A whole parquet file, read in one request (a bucket's latency, not its bandwidth, bounds a small file)."""
+    return pq.read_table(pa.BufferReader(read_bytes(source)))
 
 
 def read_bytes(source: str | Path) -> bytes:

@@ -20,7 +20,6 @@ registry under the run's name (`export-hf --register`), so training itself does 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -37,7 +36,7 @@ from typing import Any
 import mlflow
 
 from openllama import commands, files, ray_jobs, services
-from openllama.config import add_config_arguments, from_arguments
+from openllama.config import FLAG, METAVAR
 from openllama.data.shards import PackedDataset
 from openllama.train.checkpoint import RunDir
 from openllama.train.config import load_config
@@ -292,44 +291,25 @@ def start_services(state: Path) -> tuple[services.RayHead, services.MlflowServer
 class PipelineConfig:
     """`openllama pipeline`: where its outputs go, what it runs on, and the settings of its stages."""
 
-    out: str = ".demo"  # services, outputs, ledgers and logs
-    corpus: str = str(SAMPLE_CORPUS)  # RedPajama jsonl folder
-    train_config: str = "configs/train/tiny-cpu.yaml"
-    train_overrides: list[str] = field(default_factory=list)  # extra `openllama train` settings
+    out: str = ".demo"  # folder for services, outputs, ledgers and logs
+    corpus: str = str(SAMPLE_CORPUS)  # RedPajama jsonl folder (the default is the shipped sample)
+    train_config: str = "configs/train/tiny-cpu.yaml"  # the training config `openllama train` runs
+    # extra `openllama train` setting, e.g. train.steps=50
+    train_overrides: list[str] = field(default_factory=list,
+                                       metadata={FLAG: "--train-override", METAVAR: "KEY=VALUE"})
     sample_docs: int = 2000  # documents the tokenizer trains on
     eval_limit: int | None = None  # documents per eval task (None: all)
-    max_new_tokens: int = 32
-    api_address: str | None = None  # an existing cluster's job API (http://HOST:8265); None: a local head
+    max_new_tokens: int = 32  # tokens the generate stage writes
+    # an existing cluster's job API, e.g. http://127.0.0.1:8265, whose outputs folder this machine shares;
+    # RAY_API_SERVER_ADDRESS when not given; None: start (or reuse) a Ray head on 127.0.0.1
+    api_address: str | None = field(default_factory=lambda: os.environ.get("RAY_API_SERVER_ADDRESS"))
     down: bool = False  # stop the services recorded in `out` and exit
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="openllama pipeline",
-        description="Run tokenizer -> data -> train -> eval -> export -> generate as Ray jobs. Without "
-                    "--api-address it starts (or reuses) a Ray head and an MLflow server on 127.0.0.1.",
-        epilog=commands.EXIT_CODES,
-    )
-    parser.add_argument("--out", help="folder for services, outputs, ledgers and logs (default .demo)")
-    parser.add_argument("--corpus", help="RedPajama jsonl folder (default: the shipped sample)")
-    parser.add_argument("--train-config", help="training config (default configs/train/tiny-cpu.yaml)")
-    parser.add_argument("--train-override", action="append", dest="train_overrides", metavar="KEY=VALUE",
-                        help="extra `openllama train` setting, e.g. train.steps=50 (repeatable)")
-    parser.add_argument("--sample-docs", type=int, help="documents the tokenizer trains on (default 2000)")
-    parser.add_argument("--eval-limit", type=int, help="documents per eval task (default: all)")
-    parser.add_argument("--max-new-tokens", type=int, help="tokens the generate stage writes (default 32)")
-    parser.add_argument("--api-address", default=os.environ.get("RAY_API_SERVER_ADDRESS"),
-                        help="an existing cluster's job API, e.g. http://127.0.0.1:8265 (default: "
-                             "RAY_API_SERVER_ADDRESS, else a local head); its outputs folder must be shared "
-                             "with this machine")
-    parser.add_argument("--down", action="store_true", default=None, help="stop the services recorded in OUT")
-    add_config_arguments(parser)
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str]) -> int:
-    args = parse_args(argv)
-    return commands.run("openllama pipeline", lambda: run_pipeline(from_arguments(PipelineConfig, args)))
+def pipeline_command(config: PipelineConfig) -> int:
+    """Run tokenizer -> data -> train -> eval -> export -> generate as Ray jobs, each reused when already done.
+    Without --api-address it starts (or reuses) a Ray head and an MLflow server on 127.0.0.1."""
+    return run_pipeline(config)
 
 
 def run_pipeline(config: PipelineConfig) -> int:

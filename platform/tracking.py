@@ -98,6 +98,17 @@ def run(
     client().set_terminated(run_id, "FINISHED")
 
 
+def log_summary(experiment: str, run_name: str, params: dict[str, Any], metrics: dict[str, float]) -> str:
+    """A finished run holding a stage's params and final counts (at step 0), for stages that have no steps
+    (data tokenize, data dedup); returns its id."""
+    now = int(time.time() * 1000)
+    values = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+    with run(experiment, run_name=run_name, params=params) as run_id:
+        for start in range(0, len(values), 1000):  # MLflow's batch limit
+            client().log_batch(run_id, metrics=values[start:start + 1000])
+    return run_id
+
+
 def is_permanent(error: Exception) -> bool:
     """An answer from the server that no retry changes (the run does not exist, the request is invalid),
     as opposed to the server being unreachable or overloaded."""

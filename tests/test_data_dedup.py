@@ -12,13 +12,15 @@ import pyarrow.parquet as pq
 import pytest
 
 import harness
-from openllama import files
-from openllama.data import dedup, minhash, redpajama
+from openllama import cli, files
+from openllama.data import clean, dedup, filters, minhash, redpajama
+from openllama.data.work import Progress
+from openllama.eval import task_texts
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample" / "redpajama"
 OPENLLAMA = str(Path(sys.executable).parent / "openllama")
-BOOLQ_PASSAGE = json.loads((dedup.task_pack() / "data" / "boolq.jsonl").read_text().splitlines()[0])["passage"]
+BOOLQ_PASSAGE = json.loads((task_texts.TASK_PACK / "data" / "boolq.jsonl").read_text().splitlines()[0])["passage"]
 
 
 def sample_texts(name: str, n: int, size: int = 1500) -> list[str]:
@@ -62,15 +64,23 @@ def corpus(tmp_path_factory) -> dict:
     return {"root": root, "inputs": [str(root / "rp"), str(root / "sample")], "c4": c4, "wiki": wiki, **planted}
 
 
-def run(inputs: list[str], out: Path, on_progress: dedup.Progress | None = None, **settings) -> dict:
-    options = {"track": False, "partitions": 4, "concurrency": 2, **settings}
-    return dedup.run_dedup(dedup.DedupConfig(inputs=inputs, out=str(out), **options), on_progress)
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory) -> Path:
+    """The local task pack's item texts, written by eval's own command as the pipeline writes them."""
+    path = tmp_path_factory.mktemp("eval_texts") / "texts.json"
+    assert cli.main(["eval", "texts", "openllama_local", "--out", str(path)]) == 0
+    return path
+
+
+def run(inputs: list[str], out: Path, texts: Path, on_progress: Progress | None = None, **settings) -> dict:
+    options = {"track": False, "partitions": 4, "concurrency": 2, "decontaminate": str(texts), **settings}
+    return clean.run_dedup(clean.DedupConfig(inputs=inputs, out=str(out), **options), on_progress)
 
 
 @pytest.fixture(scope="module")
-def result(corpus, tmp_path_factory) -> tuple[Path, dict]:
+def result(corpus, texts, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("dedup")
-    return out, run(corpus["inputs"], out)
+    return out, run(corpus["inputs"], out, texts)
 
 
 def kept_texts(out: Path) -> dict[str, list[str]]:
@@ -145,10 +155,10 @@ def test_a_document_quoting_an_eval_item_is_rejected_and_counted_per_task(corpus
     assert tasks["local_arithmetic"] == {"items": 12, "unchecked_items": 12, "documents_removed": 0}
 
 
-def test_the_result_does_not_depend_on_input_order_partitions_or_concurrency(corpus, result, tmp_path):
+def test_the_result_does_not_depend_on_input_order_partitions_or_concurrency(corpus, texts, result, tmp_path):
     reordered = [str(corpus["root"] / "sample/wikipedia_sample.jsonl"), str(corpus["root"] / "rp/wikipedia"),
                  str(corpus["root"] / "rp/c4")]
-    run(reordered, tmp_path, partitions=1, concurrency=1)
+    run(reordered, tmp_path, texts, partitions=1, concurrency=1)
     assert output_bytes(tmp_path) == output_bytes(result[0])
 
 
@@ -156,31 +166,33 @@ STAGES = ["scan", "match", "pair", "verify", "components", "resolve", "write"]
 
 
 @pytest.mark.parametrize("stopped", STAGES[1:])
-def test_a_run_killed_midway_resumes_with_nothing_lost_or_doubled(stopped, corpus, result, tmp_path):
+def test_a_run_killed_midway_resumes_with_nothing_lost_or_doubled(stopped, corpus, texts, result, tmp_path):
     def stop_midway(stage: str, finished: int, to_run: int) -> None:
-        if stage == stopped and finished == 2:
+        if stage == f"dedup {stopped}" and finished == 2:
             raise RuntimeError(f"stopping after {finished} of {to_run} {stage} tasks, as if the run had crashed")
 
     with pytest.raises(RuntimeError, match="crashed"):
-        run(corpus["inputs"], tmp_path, on_progress=stop_midway)
+        run(corpus["inputs"], tmp_path, texts, on_progress=stop_midway)
     assert json.loads((tmp_path / "dedup.json").read_text())["finished"] is False
     resumed: list[tuple[str, int]] = []
-    manifest = run(corpus["inputs"], tmp_path, on_progress=lambda stage, n, total: resumed.append((stage, total)))
+    manifest = run(corpus["inputs"], tmp_path, texts,
+                   on_progress=lambda stage, n, total: resumed.append((stage.removeprefix("dedup "), total)))
     assert not {stage for stage, _ in resumed} & set(STAGES[:STAGES.index(stopped)])  # finished work not redone
     assert output_bytes(tmp_path) == output_bytes(result[0])
     assert manifest["stats"]["total"] == result[1]["stats"]["total"]
 
 
-def test_a_bucket_to_bucket_run_killed_midway_equals_the_local_run(corpus, result, s3_server, bucket):
+def test_a_bucket_to_bucket_run_killed_midway_equals_the_local_run(corpus, texts, result, s3_server, bucket):
     """Inputs and OUT on the S3-protocol test server, through the command line: every stage's files go through
     the bucket (nothing is memory-mapped or listed locally), and a run SIGKILLed in the verify stage finishes
     when the same command runs again."""
     root = corpus["root"]
     for path in sorted(root.rglob("*.jsonl")):
         files.copy_file(path, f"{bucket}/in/{path.relative_to(root)}")
+    files.copy_file(texts, f"{bucket}/texts.json")
     out = f"{bucket}/dedup"
     command = [OPENLLAMA, "data", "dedup", f"{bucket}/in/rp", f"{bucket}/in/sample", "--out", out,
-               "--partitions", "4", "--concurrency", "1", "--no-track"]
+               "--partitions", "4", "--concurrency", "1", "--no-track", "--decontaminate", f"{bucket}/texts.json"]
     env = harness.clean_env(**s3_server.env)
     proc = harness.start(command, env, cwd=REPO)
     try:
@@ -208,10 +220,10 @@ def test_a_bucket_to_bucket_run_killed_midway_equals_the_local_run(corpus, resul
     assert rows(remote, f"{bucket}/in/") == rows(pq.read_table(result[0] / "duplicates"), f"{root}/")
 
 
-def test_a_finished_run_is_reused_and_other_settings_are_refused(corpus, result):
-    assert run(corpus["inputs"], result[0]) == result[1]
+def test_a_finished_run_is_reused_and_other_settings_are_refused(corpus, texts, result):
+    assert run(corpus["inputs"], result[0], texts) == result[1]
     with pytest.raises(ValueError, match="threshold"):
-        run(corpus["inputs"], result[0], threshold=0.9)
+        run(corpus["inputs"], result[0], texts, threshold=0.9)
 
 
 @pytest.mark.parametrize("name, text", [
@@ -228,16 +240,16 @@ def test_a_finished_run_is_reused_and_other_settings_are_refused(corpus, result)
     ("c4_curly_brace", "function the and() { return 1 }"),
 ])
 def test_each_quality_filter_rejects_with_its_own_reason(name, text):
-    assert dedup.quality_reason(text, [name]) == name
+    assert filters.quality_reason(text, [name]) == name
     good = " ".join(json.loads(open(SAMPLE / "wikipedia_sample.jsonl").readline())["text"].split()[:300])
-    assert dedup.quality_reason(good, dedup.DedupConfig([], "x", filters=["gopher", "c4"]).filter_names()) is None
+    assert filters.quality_reason(good, filters.expand(["gopher", "c4"])) is None
 
 
 def test_the_short_filter_is_the_only_one_on_by_default():
-    config = dedup.DedupConfig([], "x")
-    assert config.filter_names() == ["short"]
-    assert dedup.quality_reason("x" * 199, config.filter_names()) == "short"
-    assert dedup.quality_reason("x" * 200, config.filter_names()) is None
+    rules = filters.expand(clean.DedupConfig([], "x").filters)
+    assert rules == ["short"]
+    assert filters.quality_reason("x" * 199, rules) == "short"
+    assert filters.quality_reason("x" * 200, rules) is None
 
 
 def test_exact_normalization_is_nfc_whitespace_and_case_folding():
@@ -245,9 +257,9 @@ def test_exact_normalization_is_nfc_whitespace_and_case_folding():
     assert dedup.exact_key("a b") != dedup.exact_key("ab")
 
 
-def test_every_local_task_gives_items_to_decontaminate_against():
-    items = dedup.eval_items([dedup.LOCAL_PACK], dedup.task_pack())
-    assert set(items) == set(dedup.LOCAL_TASK_FIELDS)
+def test_every_local_task_gives_items_to_decontaminate_against(texts):
+    items = json.loads(texts.read_text())
+    assert set(items) == set(task_texts.LOCAL_TASK_FIELDS) and items == task_texts.task_texts(["openllama_local"])
     assert items["local_boolq"][0].startswith(BOOLQ_PASSAGE)
     assert all(len(texts) >= 10 for texts in items.values())
 
@@ -333,13 +345,13 @@ def test_a_star_round_task_holds_its_partition_of_the_graph_not_all_of_it(tmp_pa
     assert largest <= whole / 4
 
 
-def test_the_command_line_writes_the_corpus_and_logs_to_mlflow(corpus, tmp_path, monkeypatch, capsys):
+def test_the_command_line_writes_the_corpus_and_logs_to_mlflow(corpus, texts, tmp_path, monkeypatch, capsys):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    code = dedup.main([*corpus["inputs"], "--out", str(tmp_path / "out"), "--partitions", "2", "--preset",
-                       "default"])
+    code = cli.main(["data", "dedup", *corpus["inputs"], "--out", str(tmp_path / "out"), "--partitions", "2",
+                     "--preset", "default", "--decontaminate", str(texts)])
     assert code == 0 and "kept 13 of 20 documents" in capsys.readouterr().out
     client = MlflowClient(uri)
     [run_] = client.search_runs([client.get_experiment_by_name("data").experiment_id])
@@ -351,11 +363,11 @@ def test_the_command_line_writes_the_corpus_and_logs_to_mlflow(corpus, tmp_path,
     (["/no/such/corpus", "--out", "OUT"], "does not exist"),
     (["CORPUS", "--out", "OUT", "--filter", "gopher_nonsense"], "unknown filter 'gopher_nonsense'"),
     (["CORPUS", "--out", "OUT", "--threshold", "1.5"], "threshold=1.5"),
-    (["CORPUS", "--out", "OUT", "--decontaminate", "no_such_lm_eval_task"], "no_such_lm_eval_task"),
+    (["CORPUS", "--out", "OUT", "--decontaminate", "/no/such/texts.json"], "openllama eval texts"),
     (["CORPUS"], "missing required field out"),
 ])
 def test_bad_input_exits_2_with_one_line(corpus, tmp_path, capsys, argv, message):
     argv = [a.replace("CORPUS", corpus["inputs"][0]).replace("OUT", str(tmp_path / "out")) for a in argv]
-    assert dedup.main(argv) == 2
+    assert cli.main(["data", "dedup", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and err.startswith("openllama data dedup: ")

@@ -8,7 +8,7 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
-from openllama.data.tokenize import tokenize_dataset
+from openllama.data.pack import tokenize_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,8 +11,8 @@ import pytest
 import sentencepiece as spm
 import zstandard
 
-from openllama import files
-from openllama.data import tokenize
+from openllama import cli, files
+from openllama.data import pack
 from openllama.data.shards import DatasetNotFinished, PackedDataset
 
 SEQ_LEN = 64
@@ -52,7 +52,7 @@ def corpus(tmp_path_factory) -> dict:
 
 def build(corpus, sp_model, out, **kwargs) -> dict:
     options = {"seq_len": SEQ_LEN, "val_fraction": 0.2, "shard_tokens": 4000, "track": False, **kwargs}
-    return tokenize.tokenize_dataset(corpus["inputs"], str(sp_model), str(out), **options)
+    return pack.tokenize_dataset(corpus["inputs"], str(sp_model), str(out), **options)
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +78,9 @@ def test_small_spans_and_streamed_parts_give_the_same_documents_tokens_and_rejec
     """Spans of 8 kB cut the plain files in pieces and send the .zst file through a streamed split into parts."""
     manifest = build(corpus, sp_model, tmp_path, span_bytes=8000)
     units = [json.loads(p.read_text()) for p in (tmp_path / "units").glob("*.json")]
-    assert sum("-part" in u["unit_id"] for u in units) > 1 and sum("-at" in u["unit_id"] for u in units) > 1
+    assert sum("-part" in u["unit"] for u in units) > 1 and sum("-at" in u["unit"] for u in units) > 1
     compressed = {str(p) for p in Path(corpus["inputs"][0]).rglob("*.zst")}
-    assert {u["source"] for u in units if "-part" in u["unit_id"]} == compressed
+    assert {u["source"] for u in units if "-part" in u["unit"]} == compressed
     for key in ("documents", "validation_documents", "tokens", "bytes", "files"):
         assert {s: e[key] for s, e in manifest["stats"]["subsets"].items()} == \
             {s: e[key] for s, e in built[1]["stats"]["subsets"].items()}, key
@@ -100,7 +100,7 @@ def test_rows_hold_the_documents_tokens_in_order_with_bos_and_eos(corpus, built,
     """Unit shards then the tail shard, each row after the first adding seq_len new tokens."""
     out, manifest = built
     processor = spm.SentencePieceProcessor(model_file=str(sp_model))
-    train_docs = [t for t in corpus["texts"]["wikipedia"] if not tokenize.is_validation(t, 0.2, 0)]
+    train_docs = [t for t in corpus["texts"]["wikipedia"] if not pack.is_validation(t, 0.2, 0)]
     expected = np.concatenate([processor.encode(t, add_bos=True, add_eos=True) for t in train_docs])
     shards = [s for s in manifest["shards"] if s["split"] == "train" and s["subset"] == "wikipedia"]
     assert len(shards) > 2
@@ -117,7 +117,7 @@ def test_rows_never_mix_subsets(built):
 def test_validation_split_holds_the_documents_chosen_by_seeded_hash(corpus, built):
     stats = built[1]["stats"]["subsets"]
     for subset, texts in corpus["texts"].items():
-        assert stats[subset]["validation_documents"] == sum(tokenize.is_validation(t, 0.2, 0) for t in texts)
+        assert stats[subset]["validation_documents"] == sum(pack.is_validation(t, 0.2, 0) for t in texts)
     assert PackedDataset.open(str(built[0]), "validation").rows("c4") > 0
 
 
@@ -142,11 +142,11 @@ def test_every_shard_matches_its_checksum(built):
 
 
 def test_a_run_stopped_midway_is_unfinished_and_a_rerun_gives_the_same_shards(corpus, built, sp_model, tmp_path):
-    def crash_after_the_first_unit(finished: int, to_run: int) -> None:
+    def crash_after_the_first_unit(what: str, finished: int, to_run: int) -> None:
         raise RuntimeError(f"stopping after {finished} of {to_run} units, as if the run had crashed")
 
     with pytest.raises(RuntimeError, match="crashed"):
-        build(corpus, sp_model, tmp_path, on_unit_done=crash_after_the_first_unit)
+        build(corpus, sp_model, tmp_path, on_progress=crash_after_the_first_unit)
     with pytest.raises(DatasetNotFinished):
         PackedDataset.open(str(tmp_path))
     # a half-written shard of an unfinished unit, as a kill during writing would leave it
@@ -160,7 +160,7 @@ def test_a_run_stopped_midway_is_unfinished_and_a_rerun_gives_the_same_shards(co
 
 
 def test_a_finished_dataset_with_the_same_settings_is_reused(corpus, built, sp_model, monkeypatch):
-    monkeypatch.setattr(tokenize, "run_tasks", lambda *a: pytest.fail("tokenized again"))
+    monkeypatch.setattr(pack, "run_units", lambda *a, **k: pytest.fail("tokenized again"))
     assert build(corpus, sp_model, built[0]) == built[1]
 
 
@@ -174,7 +174,7 @@ def test_the_command_line_writes_a_dataset_and_logs_it_to_mlflow(corpus, sp_mode
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    code = tokenize.main(["tokenize", *corpus["inputs"], "--tokenizer", str(sp_model), "--out",
+    code = cli.main(["data", "tokenize", *corpus["inputs"], "--tokenizer", str(sp_model), "--out",
                           str(tmp_path / "out"), "--seq-len", "128"])
     assert code == 0 and "100 documents" in capsys.readouterr().out
     client = MlflowClient(uri)

@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from openllama.data import shards, tokenize
+from openllama import cli
+from openllama.data.pack import convert_dataset
 from openllama.data.shards import (
     FORMAT,
     DatasetNeedsConversion,
@@ -24,7 +25,6 @@ from openllama.data.shards import (
     ShardCorrupted,
     ShardFile,
     ShardWriter,
-    convert_v1,
     write_dataset,
 )
 
@@ -295,7 +295,7 @@ def test_a_dataset_in_the_first_format_is_refused_naming_the_command_that_conver
 
 def test_conversion_keeps_every_row_and_the_shard_entries(tmp_path):
     old = make_v1_dataset(tmp_path / "old")
-    manifest = convert_v1(str(old), str(tmp_path / "new"))
+    manifest = convert_dataset(str(old), str(tmp_path / "new"))
     dataset = PackedDataset.open(str(tmp_path / "new"))
     np.testing.assert_array_equal(dataset.read("c4", np.arange(8)), numbered_rows(0, 8))
     dataset.verify()
@@ -306,31 +306,29 @@ def test_conversion_keeps_every_row_and_the_shard_entries(tmp_path):
 
 
 def test_list_columns_read_like_fixed_size_lists(tmp_path):
-    convert_v1(str(make_v1_dataset(tmp_path / "old", as_list=True)), str(tmp_path / "new"))
+    convert_dataset(str(make_v1_dataset(tmp_path / "old", as_list=True)), str(tmp_path / "new"))
     assert list(PackedDataset.open(str(tmp_path / "new")).read("c4", np.array([7]))[0]) == [
         700 + i for i in range(SEQ_LEN + 1)]
 
 
-def test_a_killed_conversion_is_finished_by_a_rerun_that_redoes_only_the_missing_shards(tmp_path, monkeypatch):
+def test_a_failed_conversion_is_finished_by_a_rerun_that_redoes_only_the_missing_shards(tmp_path):
+    """The second shard fails its checksum, so the run stops; once the file is whole again, the rerun converts
+    exactly the shards the ledger does not hold (never the failed one's) and ends where a clean run does."""
     old, new = make_v1_dataset(tmp_path / "old"), tmp_path / "new"
-    convert_shard, converted = shards._convert_shard, []
-
-    def dies_on_the_second_shard(source, out, entry, layout):
-        if len(converted) == 1:
-            raise KeyboardInterrupt("killed")
-        converted.append(entry["path"])
-        return convert_shard(source, out, entry, layout)
-
-    monkeypatch.setattr(shards, "_convert_shard", dies_on_the_second_shard)
-    with pytest.raises(KeyboardInterrupt):
-        convert_v1(str(old), str(new))
+    damaged = old / "train/c4/00001.parquet"
+    whole = damaged.read_bytes()
+    flip(damaged, 40)
+    with pytest.raises(ShardCorrupted):
+        convert_dataset(str(old), str(new))
     with pytest.raises(DatasetNotFinished):
         PackedDataset.open(str(new))
-    converted.clear()
-    monkeypatch.setattr(shards, "_convert_shard", lambda *a: converted.append(a[2]["path"]) or convert_shard(*a))
-    convert_v1(str(old), str(new))
-    assert converted == ["train/c4/00001.parquet"]
-    reference = convert_v1(str(old), str(tmp_path / "reference"))
+    recorded = sorted(p.name for p in (new / "units").glob("convert-*.json"))
+    assert len(recorded) < 2
+    damaged.write_bytes(whole)
+    runs: list[int] = []
+    convert_dataset(str(old), str(new), on_progress=lambda what, done, to_run: runs.append(to_run))
+    assert set(runs) == {2 - len(recorded)}
+    reference = convert_dataset(str(old), str(tmp_path / "reference"))
     assert json.loads((new / "manifest.json").read_text())["shards"] == reference["shards"]
 
 
@@ -338,19 +336,19 @@ def test_a_damaged_old_shard_is_not_converted(tmp_path):
     old = make_v1_dataset(tmp_path / "old")
     flip(old / "train/c4/00001.parquet", 40)
     with pytest.raises(ShardCorrupted, match="00001.parquet: sha256"):
-        convert_v1(str(old), str(tmp_path / "new"))
+        convert_dataset(str(old), str(tmp_path / "new"))
 
 
 def test_the_convert_command_writes_the_new_dataset(tmp_path, capsys):
     old = make_v1_dataset(tmp_path / "old")
-    assert tokenize.main(["convert", str(old), "--out", str(tmp_path / "new")]) == 0
+    assert cli.main(["data", "convert", str(old), "--out", str(tmp_path / "new")]) == 0
     assert "2 shards, 8 rows in openllama-packed-v2" in capsys.readouterr().out
     assert PackedDataset.open(str(tmp_path / "new")).rows("c4") == 8
-    assert tokenize.main(["convert", str(old), "--out", str(tmp_path / "new")]) == 0  # a rerun reuses it
+    assert cli.main(["data", "convert", str(old), "--out", str(tmp_path / "new")]) == 0  # a rerun reuses it
 
 
 def test_the_convert_command_refuses_a_dataset_already_in_the_new_format(tmp_path, capsys):
-    assert tokenize.main(["convert", str(make_dataset(tmp_path / "v2")), "--out", str(tmp_path / "new")]) == 2
+    assert cli.main(["data", "convert", str(make_dataset(tmp_path / "v2")), "--out", str(tmp_path / "new")]) == 2
     assert "only openllama-packed-v1 datasets are converted" in capsys.readouterr().err
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
+from openllama.cli import main as cli
 from openllama.data import tokenizer
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "redpajama"
@@ -79,7 +80,6 @@ def test_training_writes_the_model_and_its_settings_and_reuses_an_identical_run(
 
 
 def test_the_command_line_trains_a_tokenizer(tmp_path, capsys):
-    code = tokenizer.main(["train", str(SAMPLE / "book_sample.jsonl"), str(SAMPLE / "github_sample.jsonl"),
-                           "--out", str(tmp_path), "--vocab-size", "600", "--sample-docs", "20",
-                           "--weights", "book=1,github=1"])
+    code = cli(["tokenizer", "train", str(SAMPLE / "book_sample.jsonl"), str(SAMPLE / "github_sample.jsonl"),
+                "--out", str(tmp_path), "--vocab-size", "600", "--sample-docs", "20", "--weights", "book=1,github=1"])
     assert code == 0 and (tmp_path / "tokenizer.model").exists()

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from openllama.cli import main as cli
 from openllama.data.shards import write_dataset
 from openllama.eval import published
 from openllama.eval.run import (
@@ -19,7 +20,6 @@ from openllama.eval.run import (
     check_task_names,
     check_tasks_have_documents,
     held_out_perplexity,
-    main,
     open_validation,
     render_table,
     table_rows,
@@ -96,8 +96,8 @@ def test_eval_writes_the_table_results_and_an_mlflow_run_tagged_with_its_trainin
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     out = tmp_path / "out"
-    code = main([str(training_run), "--tasks", "local_arc,local_text_perplexity", "--limit", "4",
-                 "--batch-size", "4", "--output", str(out)])
+    code = cli(["eval", str(training_run), "--tasks", "local_arc,local_text_perplexity", "--limit", "4",
+                "--batch-size", "4", "--output", str(out)])
     assert code == 0
     table = (out / "table.md").read_text()
     assert "| local_arc/acc_norm |" in table and "| Average |" in table
@@ -140,7 +140,7 @@ def test_packed_rows_longer_than_the_context_are_refused(tmp_path):
 
 def test_without_lm_eval_installed_eval_says_how_to_install_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now raises ImportError
-    assert main([str(tmp_path), "--tasks", "local_arc", "--no-mlflow"]) == 2
+    assert cli(["eval", str(tmp_path), "--tasks", "local_arc", "--no-mlflow"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "openllama eval: lm-eval is not installed: pip install 'openllama-ray[eval]'"
     ]

@@ -17,7 +17,7 @@ import pytest
 import harness
 from openllama import commands, files
 from openllama.config import ConfigError
-from openllama.data import tokenize
+from openllama.data import pack
 from openllama.data.shards import PackedDataset, write_dataset
 from openllama.train.checkpoint import RunDir, load_model
 from openllama.train.config import load_config
@@ -57,7 +57,7 @@ def test_a_dataset_tokenized_bucket_to_bucket_equals_a_local_build(gcs_server, g
                         "--tokenizer", str(sp_model), "--seq-len", "32", "--val-fraction", "0.2", "--no-track"],
                        harness.clean_env(**gcs_server.env), timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
-    tokenize.tokenize_dataset([str(p) for p in inputs], sp_model, tmp_path, seq_len=32, val_fraction=0.2,
+    pack.tokenize_dataset([str(p) for p in inputs], sp_model, tmp_path, seq_len=32, val_fraction=0.2,
                               track=False)
     remote, local = PackedDataset.open(f"{gcs_bucket}/dataset", "train"), PackedDataset.open(str(tmp_path), "train")
     assert remote.subsets == local.subsets == ["book", "stackexchange"]

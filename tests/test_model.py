@@ -1,4 +1,4 @@
-"""The Flax LLaMA itself: cache, GQA, mixed precision, remat, parameter counts."""
+"""The Flax LLaMA itself: cache, GQA, mixed precision, remat, parameter counts, scanned blocks."""
 
 from __future__ import annotations
 
@@ -9,13 +9,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from openllama.train.model import Llama, LlamaConfig, init_cache, init_params
+from openllama.train.model import (
+    DEFAULT_RUNTIME,
+    Llama,
+    LlamaConfig,
+    ModelRuntime,
+    init_cache,
+    init_params,
+    stack_layers,
+    unstack_layers,
+)
 
 TINY = LlamaConfig.preset("tiny")
 
 
-def forward(config: LlamaConfig, params: dict, ids: np.ndarray) -> np.ndarray:
-    return np.asarray(jax.jit(Llama(config).apply)({"params": params}, jnp.asarray(ids))[0])
+def forward(config: LlamaConfig, params: dict, ids: np.ndarray, runtime: ModelRuntime = DEFAULT_RUNTIME) -> np.ndarray:
+    return np.asarray(jax.jit(Llama(config, runtime).apply)({"params": params}, jnp.asarray(ids))[0])
 
 
 def random_ids(batch: int, length: int, seed: int = 0) -> np.ndarray:
@@ -27,7 +36,7 @@ def test_kv_cache_prefill_then_decode_equals_full_forward():
     ids = random_ids(2, 12)
     full = forward(TINY, params, ids)
     apply = jax.jit(Llama(TINY).apply)
-    cache = init_cache(TINY, batch=2, max_len=16)
+    cache = init_cache(TINY, ModelRuntime(), batch=2, max_len=16)
     prefill, cache = apply({"params": params}, jnp.asarray(ids[:, :8]), cache=cache)
     steps = [prefill]
     for t in range(8, 12):
@@ -55,7 +64,7 @@ def test_bfloat16_compute_with_float32_params_is_close_to_float32():
     params = init_params(TINY, seed=3)
     ids = random_ids(2, 16)
     exact = forward(TINY, params, ids)
-    mixed = forward(dataclasses.replace(TINY, dtype="bfloat16"), params, ids)
+    mixed = forward(TINY, params, ids, ModelRuntime(dtype="bfloat16"))
     assert mixed.dtype == np.float32
     assert np.abs(mixed - exact).max() < 0.05 * np.abs(exact).max()
 
@@ -65,12 +74,12 @@ def test_remat_policy_gives_the_same_loss_and_gradients_as_none(policy):
     params = init_params(TINY, seed=4)
     ids = jnp.asarray(random_ids(2, 16))
 
-    def loss(config, p):
-        logits = Llama(config).apply({"params": p}, ids[:, :-1])[0]
+    def loss(runtime, p):
+        logits = Llama(TINY, runtime).apply({"params": p}, ids[:, :-1])[0]
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], -1))
 
-    base_loss, base_grads = jax.jit(jax.value_and_grad(lambda p: loss(TINY, p)))(params)
-    remat = dataclasses.replace(TINY, remat_policy=policy)
+    base_loss, base_grads = jax.jit(jax.value_and_grad(lambda p: loss(ModelRuntime(), p)))(params)
+    remat = ModelRuntime(remat_policy=policy)
     remat_loss, remat_grads = jax.jit(jax.value_and_grad(lambda p: loss(remat, p)))(params)
     np.testing.assert_allclose(remat_loss, base_loss, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(base_grads), strict=True):
@@ -81,9 +90,9 @@ def test_dots_policies_keep_the_projections_instead_of_recomputing_them():
     ids = jnp.asarray(random_ids(2, 16))
 
     def products_in_backward(policy: str) -> int:
-        config = dataclasses.replace(TINY, remat_policy=policy)
-        params = init_params(config, seed=4)
-        grad = jax.grad(lambda p: Llama(config).apply({"params": p}, ids)[0].sum())
+        runtime = ModelRuntime(remat_policy=policy)
+        params = init_params(TINY, seed=4)
+        grad = jax.grad(lambda p: Llama(TINY, runtime).apply({"params": p}, ids)[0].sum())
         return str(jax.make_jaxpr(grad)(params)).count("dot_general[")
 
     none, full = products_in_backward("none"), products_in_backward("full")
@@ -115,19 +124,66 @@ def test_unknown_preset_is_an_error_listing_the_allowed_names():
         LlamaConfig.preset("70b")
 
 
+def test_the_architecture_holds_no_run_time_setting():
+    assert not {"param_dtype", "dtype", "remat_policy", "kernels", "scan_layers"} & set(dataclasses.asdict(TINY))
+    with pytest.raises(ValueError, match=r"model.dtype='fp8'; allowed"):
+        ModelRuntime(dtype="fp8")
+    with pytest.raises(ValueError, match=r"model.remat_policy='some'; allowed"):
+        ModelRuntime(remat_policy="some")
+
+
+SCANNED_TINY = LlamaConfig.preset("tiny", num_key_value_heads=2)
+
+
+def loss_and_grads(runtime: ModelRuntime, params: dict, ids: jax.Array) -> tuple[jax.Array, dict]:
+    def loss(p: dict) -> jax.Array:
+        logits = Llama(SCANNED_TINY, runtime).apply({"params": p}, ids[:, :-1])[0]
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], -1))
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
 @pytest.mark.parametrize("policy", ["none", "full", "dots_no_batch", "kv"])
-def test_scanned_blocks_give_the_logits_and_gradients_of_the_unrolled_ones(policy):
-    config = LlamaConfig.preset("tiny", num_key_value_heads=2, remat_policy=policy, kernels="reference")
-    scanned = dataclasses.replace(config, scan_layers=True)
-    params = init_params(config, seed=4)
-    assert jax.tree.structure(init_params(scanned, seed=4)) == jax.tree.structure(params)  # checkpoints unchanged
-    ids = jnp.asarray(random_ids(2, 12))
-
-    def loss(c):
-        return lambda p: Llama(c).apply({"params": p}, ids)[0].astype(jnp.float32).std()
-
-    np.testing.assert_allclose(forward(scanned, params, np.asarray(ids)), forward(config, params, np.asarray(ids)),
-                               atol=1e-5)
-    for a, b in zip(jax.tree.leaves(jax.grad(loss(scanned))(params)), jax.tree.leaves(jax.grad(loss(config))(params)),
-                    strict=True):
+def test_scanned_blocks_give_the_loss_and_gradients_of_the_unrolled_ones(policy):
+    unrolled = ModelRuntime(remat_policy=policy, kernels="reference")
+    scanned = dataclasses.replace(unrolled, scan_layers=True)
+    params = init_params(SCANNED_TINY, 4, unrolled)
+    ids = jnp.asarray(random_ids(2, 13))
+    loss, grads = loss_and_grads(unrolled, params, ids)
+    scanned_loss, scanned_grads = loss_and_grads(scanned, init_params(SCANNED_TINY, 4, scanned), ids)
+    np.testing.assert_allclose(scanned_loss, loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(unstack_layers(scanned_grads)), jax.tree.leaves(grads), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_a_scanning_model_holds_its_blocks_stacked_and_a_seed_draws_the_same_weights_either_way():
+    per_layer = init_params(SCANNED_TINY, 4)
+    stacked = init_params(SCANNED_TINY, 4, ModelRuntime(scan_layers=True))
+    assert set(stacked) == {"embed_tokens", "layers", "norm", "lm_head"}
+    assert stacked["layers"]["self_attn"]["q_proj"]["kernel"].shape == (SCANNED_TINY.num_hidden_layers, 64, 64)
+    assert jax.tree.all(jax.tree.map(np.array_equal, unstack_layers(stacked), per_layer))
+    assert jax.tree.all(jax.tree.map(np.array_equal, stack_layers(per_layer), stacked))
+
+
+def joined_shapes(jaxpr: jax.extend.core.Jaxpr) -> set[tuple[int, ...]]:
+    """The output shapes of every stack and concatenate in `jaxpr` and the programs inside it (scan, remat)."""
+    shapes = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("stack", "concatenate"):
+            shapes |= {tuple(v.aval.shape) for v in eqn.outvars}
+        for param in eqn.params.values():
+            for inner in param if isinstance(param, tuple | list) else (param,):
+                if isinstance(inner, jax.extend.core.ClosedJaxpr):
+                    shapes |= joined_shapes(inner.jaxpr)
+                elif isinstance(inner, jax.extend.core.Jaxpr):
+                    shapes |= joined_shapes(inner)
+    return shapes
+
+
+def test_the_scanned_training_pass_stacks_no_parameters():
+    runtime = ModelRuntime(scan_layers=True, remat_policy="kv")
+    params = init_params(SCANNED_TINY, 4, runtime)
+    ids = jnp.asarray(random_ids(2, 13))
+    jaxpr = jax.make_jaxpr(lambda p: loss_and_grads(runtime, p, ids))(params)
+    stacked = {tuple(leaf.shape) for leaf in jax.tree.leaves(params["layers"])}
+    assert not joined_shapes(jaxpr.jaxpr) & stacked

@@ -10,15 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from openllama.train.model import Llama, LlamaConfig, init_params
+from openllama.train.model import Llama, LlamaConfig, ModelRuntime, init_params, stack_layers, unstack_layers
 
 OFFLOADED = "q_saved_kv_offloaded"
-TINY = LlamaConfig.preset("tiny", num_key_value_heads=2, kernels="reference")
+TINY = LlamaConfig.preset("tiny", num_key_value_heads=2)
+REFERENCE = ModelRuntime(kernels="reference")
 
 
-def loss_and_grads(config: LlamaConfig, params: dict, ids: jax.Array) -> tuple[jax.Array, dict]:
+def loss_and_grads(runtime: ModelRuntime, params: dict, ids: jax.Array) -> tuple[jax.Array, dict]:
     def loss(p: dict) -> jax.Array:
-        logits = Llama(config).apply({"params": p}, ids[:, :-1])[0]
+        logits = Llama(TINY, runtime).apply({"params": p}, ids[:, :-1])[0]
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], -1))
 
     return jax.jit(jax.value_and_grad(loss))(params)
@@ -28,22 +29,22 @@ def loss_and_grads(config: LlamaConfig, params: dict, ids: jax.Array) -> tuple[j
 def test_offloading_keys_and_values_gives_the_loss_and_gradients_of_no_remat(scan_layers):
     params = init_params(TINY, seed=5)
     ids = jax.random.randint(jax.random.PRNGKey(1), (2, 17), 0, TINY.vocab_size)
-    base_loss, base_grads = loss_and_grads(dataclasses.replace(TINY, scan_layers=scan_layers), params, ids)
-    config = dataclasses.replace(TINY, remat_policy=OFFLOADED, scan_layers=scan_layers)
-    loss, grads = loss_and_grads(config, params, ids)
+    base_loss, base_grads = loss_and_grads(REFERENCE, params, ids)
+    runtime = dataclasses.replace(REFERENCE, remat_policy=OFFLOADED, scan_layers=scan_layers)
+    loss, grads = loss_and_grads(runtime, stack_layers(params) if scan_layers else params, ids)
     np.testing.assert_allclose(loss, base_loss, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(base_grads), strict=True):
+    for a, b in zip(jax.tree.leaves(unstack_layers(grads) if scan_layers else grads), jax.tree.leaves(base_grads),
+                    strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_keys_and_values_go_to_host_memory_and_queries_stay_in_device_memory():
-    config = dataclasses.replace(TINY, remat_policy=OFFLOADED)
-    params = init_params(config, seed=5)
+    params = init_params(TINY, seed=5)
     ids = jnp.zeros((2, 16), jnp.int32)
 
     def backward(policy: str) -> str:
-        c = dataclasses.replace(config, remat_policy=policy)
-        return str(jax.make_jaxpr(jax.grad(lambda p: Llama(c).apply({"params": p}, ids)[0].sum()))(params))
+        runtime = dataclasses.replace(REFERENCE, remat_policy=policy)
+        return str(jax.make_jaxpr(jax.grad(lambda p: Llama(TINY, runtime).apply({"params": p}, ids)[0].sum()))(params))
 
     offloaded = backward(OFFLOADED)
     to_host = [line for line in offloaded.splitlines() if "<host>" in line and "device_put" in line]

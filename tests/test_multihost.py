@@ -70,7 +70,7 @@ def dataset(cluster, sp_model, tmp_path_factory) -> Path:
     if not SAMPLE.is_dir():
         pytest.skip(f"the sample corpus {SAMPLE} is not in this checkout")
     out = tmp_path_factory.mktemp("packed") / "data"
-    build = ("from openllama.data.tokenize import tokenize_dataset; "
+    build = ("from openllama.data.pack import tokenize_dataset; "
              f"tokenize_dataset([{str(SAMPLE)!r}], {str(sp_model)!r}, {str(out)!r}, seq_len={SEQ_LEN}, "
              "val_fraction=0.2, track=False)")
     on_head_host(cluster, sys.executable, "-c", build)

@@ -12,6 +12,7 @@ def test_show_prints_a_training_config_with_overrides_applied_and_the_model_spel
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["train"]["steps"] == 50
     assert shown["resolved_model"]["hidden_size"] == 64
+    assert shown["resolved_runtime"]["dtype"] == "float32" and "dtype" not in shown["resolved_model"]
 
 
 def test_show_prints_a_model_preset(capsys):
@@ -37,10 +38,17 @@ def test_show_prints_a_commands_settings_with_required_ones_marked(capsys):
 
 
 def test_every_command_with_settings_can_be_shown(capsys):
-    from openllama.show import COMMAND_CONFIGS
+    from openllama.show import configured_verbs
 
-    for name in COMMAND_CONFIGS:
-        assert cli(["config", "show", name]) == 0, capsys.readouterr().err
+    assert {"data dedup", "data convert", "data tokenize", "tokenizer train"} <= set(configured_verbs())
+    for name in configured_verbs():
+        assert cli(["config", "show", *name.split()]) == 0, capsys.readouterr().err
+
+
+def test_a_two_word_command_is_shown_with_its_overrides(capsys):
+    assert cli(["config", "show", "tokenizer", "train", "vocab_size=600"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["vocab_size"] == 600 and shown["out"] == "<required>"
 
 
 def test_a_misspelled_command_setting_names_the_field(capsys):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from openllama.config import ConfigError, from_arguments
+from openllama.cli import parse_config
+from openllama.config import ConfigError
 from openllama.eval import published
-from openllama.eval.run import EvalConfig, Row, build_parser, render_table
+from openllama.eval.run import EvalConfig, Row, render_table
 
 PREVIEW_COLUMNS = ("GPT-J 6B", "LLaMA 7B", "OpenLLaMA 7B 400B Tokens", "OpenLLaMA 3B 350B Tokens")
 
@@ -46,9 +47,8 @@ def test_compare_shows_the_preview_columns_beside_ours():
 
 
 def test_the_compare_table_flag_picks_the_table_and_implies_compare():
-    settings = from_arguments(EvalConfig, build_parser().parse_args(["ckpt", "--tasks", "x", "--compare-table",
-                                                                     "preview"]))
+    settings = parse_config("eval", ["ckpt", "--tasks", "x", "--compare-table", "preview"])
     assert (settings.compare, settings.compare_table) == (True, "preview")
-    assert from_arguments(EvalConfig, build_parser().parse_args(["ckpt", "--compare"])).compare_table is None
+    assert parse_config("eval", ["ckpt", "--compare"]).compare_table is None
     with pytest.raises(ConfigError, match=r"--compare-table='v0'; allowed: \['preview', 'v1'\]"):
         EvalConfig(checkpoint="ckpt", compare_table="v0")

@@ -32,7 +32,7 @@ FROZEN = ["optimizer.peak_lr=0", "optimizer.end_lr=0", "optimizer.warmup_steps=1
 
 @pytest.fixture(scope="module")
 def dataset(sp_model, tmp_path_factory) -> Path:
-    from openllama.data.tokenize import tokenize_dataset
+    from openllama.data.pack import tokenize_dataset
 
     out = tmp_path_factory.mktemp("init") / "data"
     tokenize_dataset([str(SAMPLE / "wikipedia_sample.jsonl")], str(sp_model), str(out), seq_len=32, track=False)

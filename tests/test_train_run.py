@@ -55,7 +55,7 @@ def dataset(ray_head, sp_model, tmp_path_factory) -> Path:
                 for path in sources[i::2]:
                     f.write(json.dumps({"text": path.read_text(encoding="utf-8")}) + "\n")
     out = root / "data"
-    build = ("from openllama.data.tokenize import tokenize_dataset; "
+    build = ("from openllama.data.pack import tokenize_dataset; "
              f"tokenize_dataset([{str(inputs)!r}], {str(sp_model)!r}, {str(out)!r}, seq_len={SEQ_LEN}, "
              "val_fraction=0.2, track=False)")
     on_cluster(ray_head, sys.executable, "-c", build)

@@ -3,7 +3,7 @@
 A model checkpoint (what eval, export and generate take):
 
     CKPT/params/          orbax (restorable onto any device mesh); a training step keeps its weights in state/
-    CKPT/model.json       LlamaConfig fields
+    CKPT/model.json       the architecture (LlamaConfig fields); how a run ran it (dtypes, remat, ...) is not kept
     CKPT/tokenizer.model  the SentencePiece model the weights were trained with (optional)
 
 A training run, `<output_dir>/<name>/` (`RunDir`), in a folder every host mounts or in a bucket:
@@ -20,7 +20,12 @@ and the databases are merged; a step folder without it is a save that did not fi
 removed before a run resumes.
 
 Steps written before this layout (params/ and opt_state/ by orbax; in a bucket, orbax's zarr staged by every
-process) still load: locally as they are, from a bucket by a download, with a warning saying so.
+process) still load: locally as they are, from a bucket by a download, with a warning saying so. So does a
+model.json of before the architecture and the runtime were split: its run-time keys are dropped on reading.
+
+A checkpoint holds one tree per layer (`layers_{i}`) whatever the run's layout: a run that scans its blocks holds
+them stacked (`layers`, a leading layer axis) and its saves write each layer of the host copy as its own arrays,
+its restores stack what they read, so a step restores into a run of either layout.
 """
 
 from __future__ import annotations
@@ -40,8 +45,17 @@ import jax
 import orbax.checkpoint as ocp
 
 from openllama import files
-from openllama.train import state_db
-from openllama.train.model import LlamaConfig, config_from_dict, config_to_dict
+from openllama.train import sharding, state_db
+from openllama.train.model import (
+    STACKED,
+    LlamaConfig,
+    config_from_dict,
+    config_to_dict,
+    is_stacked,
+    layer_name,
+    stack_layers,
+    unstack_layers,
+)
 
 log = logging.getLogger("openllama.train")
 
@@ -54,6 +68,8 @@ PARAMS = "params"
 OPT_STATE = "opt_state"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 DEFAULT_STAGING = Path(tempfile.gettempdir()) / "openllama-staging"
+# what model.json held beside the architecture before `ModelRuntime` was split from `LlamaConfig`
+EARLIER_RUNTIME_KEYS = ("param_dtype", "dtype", "remat_policy", "kernels", "scan_layers")
 
 
 def under(base: Path | str, *parts: str) -> Path | str:
@@ -190,8 +206,13 @@ def fetch_model(location: str, staging: Path | None = None) -> Path:
 
 
 def read_config(path: str | Path) -> LlamaConfig:
-    """The architecture of checkpoint `path` (resolved as `resolve` does), without loading its weights."""
-    return config_from_dict(json.loads((resolve(path) / MODEL_JSON).read_text()))
+    """The architecture of checkpoint `path` (resolved as `resolve` does), without loading its weights; an
+    earlier version's run-time keys are dropped, any other unknown key is an error naming it."""
+    values = json.loads((resolve(path) / MODEL_JSON).read_text())
+    earlier = [key for key in EARLIER_RUNTIME_KEYS if key in values]
+    if earlier:
+        log.debug("%s: ignoring the run-time settings %s an earlier version kept in %s", path, earlier, MODEL_JSON)
+    return config_from_dict({key: value for key, value in values.items() if key not in EARLIER_RUNTIME_KEYS})
 
 
 def tokenizer_of(path: str | Path) -> Path | None:
@@ -324,6 +345,54 @@ class RunDir:
         return None
 
 
+# ---------------------------------------------------------------------------- per-layer trees, stacked ones
+
+
+def per_layer_arrays(arrays: list[state_db.HostArray]) -> list[state_db.HostArray]:
+    """A scan run's stacked arrays (`.../layers/...`) as the per-layer ones every checkpoint holds
+    (`.../layers_{i}/...`): views of the host copy, nothing copied. The layer axis is never sharded, so every
+    chunk holds all layers."""
+    out = []
+    for array in arrays:
+        parts = array.name.split("/")
+        if STACKED not in parts:
+            out.append(array)
+            continue
+        at = parts.index(STACKED)
+        for i in range(array.shape[0]):
+            out.append(state_db.HostArray("/".join([*parts[:at], layer_name(i), *parts[at + 1:]]), array.shape[1:],
+                                          array.dtype, array.chunk_shape[1:],
+                                          [(index[1:], data[i]) for index, data in array.chunks]))
+    return out
+
+
+def per_layer_target(target: Any) -> Any:
+    """A restore target (ShapeDtypeStructs with shardings) in the run's layout as the checkpoint holds it: each
+    stacked tree (a scan run's parameters, their Adam moments) as one tree per layer."""
+
+    def one_layer(leaf: jax.ShapeDtypeStruct, _: int) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype, sharding=sharding.one_layer(leaf.sharding))
+
+    return jax.tree.map(lambda node: unstack_layers(node, one_layer), target, is_leaf=is_stacked)
+
+
+def in_run_layout(loaded: Any, target: Any) -> Any:
+    """Arrays read as `per_layer_target(target)`, stacked where `target` is, onto its shardings. Each tree's
+    layers are freed once stacked, before the next is: the restore holds at most one tree twice."""
+
+    def restack(node: Any, arrays: Any) -> Any:
+        if not is_stacked(node):
+            return arrays
+        layers = {key: value for key, value in arrays.items() if key not in node}
+        shardings = jax.tree.map(lambda leaf: leaf.sharding, node[STACKED])
+        stacked = jax.jit(lambda trees: stack_layers(trees)[STACKED], out_shardings=shardings)(layers)
+        for array in jax.tree.leaves(layers):
+            array.delete()
+        return {**{key: arrays[key] for key in node if key != STACKED}, STACKED: stacked}
+
+    return jax.tree.map(restack, target, loaded, is_leaf=is_stacked)
+
+
 # ------------------------------------------------------------------------------------------ saving a step
 
 
@@ -351,7 +420,7 @@ class CheckpointWriter:
         started = time.perf_counter()
         self.wait()
         step = int(state["step"])
-        arrays = state_db.copy_to_host({PARAMS: state["params"], OPT_STATE: state["opt_state"]})
+        arrays = per_layer_arrays(state_db.copy_to_host({PARAMS: state["params"], OPT_STATE: state["opt_state"]}))
         self.in_flight = (step, self.pool.submit(self._write, step, arrays, {"step": step, **info,
                                                                            "rolling": rolling}))
         return time.perf_counter() - started
@@ -396,17 +465,23 @@ def save_step(run: RunDir, state: dict, config: LlamaConfig, tokenizer: str | Pa
 
 
 def restore_step(path: Path | str, abstract_state: dict, staging: Path | None = None) -> tuple[dict, dict]:
-    """(train state placed as `abstract_state`'s shardings, state.json) of a step checkpoint: this process
+    """(train state in `abstract_state`'s layout and shardings, state.json) of a step checkpoint: this process
     reads only its own shards, from a local folder or a bucket alike.
 
     A step of the earlier layout (orbax's params/ and opt_state/) is read by orbax; one of those in a bucket
     is first downloaded into `staging`, this process's own folder, and removed after.
     """
     info = files.read_json(under(path, STATE_JSON))
+    target = {PARAMS: abstract_state["params"], OPT_STATE: abstract_state["opt_state"]}
+    state = in_run_layout(read_state(path, per_layer_target(target), staging), target)
+    return {"params": state[PARAMS], "opt_state": state[OPT_STATE], "step": info["step"]}, info
+
+
+def read_state(path: Path | str, target: dict, staging: Path | None) -> dict:
+    """A step checkpoint's {params, opt_state} as `target` (the checkpoint's per-layer layout) places them."""
     database = state_location(path)
     if database is not None:
-        state = state_db.read(database, {PARAMS: abstract_state["params"], OPT_STATE: abstract_state["opt_state"]})
-        return {"params": state[PARAMS], "opt_state": state[OPT_STATE], "step": info["step"]}, info
+        return state_db.read(database, target)
     local = path
     if files.is_uri(path):
         log.warning("%s was saved in the staged layout of an earlier version; downloading it whole", path)
@@ -416,9 +491,7 @@ def restore_step(path: Path | str, abstract_state: dict, staging: Path | None = 
         local = download(str(path), local)
     try:
         with ocp.StandardCheckpointer() as checkpointer:
-            params = checkpointer.restore(Path(local) / PARAMS, abstract_state["params"])
-            opt_state = checkpointer.restore(Path(local) / OPT_STATE, abstract_state["opt_state"])
+            return {name: checkpointer.restore(Path(local) / name, target[name]) for name in (PARAMS, OPT_STATE)}
     finally:
         if local != path:
             shutil.rmtree(local, ignore_errors=True)
-    return {"params": params, "opt_state": opt_state, "step": info["step"]}, info

@@ -6,6 +6,7 @@ so a 7B job never dies on a TPU pod because of a typo.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -13,22 +14,25 @@ from typing import Any, Literal
 from openllama import files
 from openllama.config import ConfigError, load
 from openllama.train.checkpoint import DEFAULT_STAGING
-from openllama.train.model import LlamaConfig
+from openllama.train.model import LlamaConfig, ModelRuntime
 from openllama.train.tpu import check_slice
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "train"
+RUNTIME_FIELDS = {f.name for f in dataclasses.fields(ModelRuntime)}
 
 
 @dataclass
 class ModelSection:
-    """A `LlamaConfig` preset; dtypes and remat are the usual knobs, any other field goes in `overrides`."""
+    """The architecture (a `LlamaConfig` preset, any of its fields changed in `overrides`) and how this run
+    runs it (`ModelRuntime`: dtypes, remat, kernels, scan), which checkpoints do not keep."""
 
     preset: str = "tiny"
     param_dtype: str = "float32"
-    dtype: str = "float32"
+    dtype: str = "float32"  # compute
     remat_policy: str = "none"
+    kernels: str = "auto"  # how products and attention run: auto (the backend's), reference, xla_cpu, splash, cudnn
     scan_layers: bool = False  # one scanned block body instead of one per layer (TPU presets: compile time)
-    overrides: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)  # architecture fields only, e.g. num_hidden_layers
 
 
 @dataclass
@@ -168,14 +172,25 @@ class TrainConfig:
         return Path(self.device.compilation_cache_dir or default / "jax_cache").absolute()
 
     def llama(self) -> LlamaConfig:
+        """The architecture: what model.json keeps, and what weights to start from must share."""
         m = self.model
+        for name in m.overrides:
+            if name in RUNTIME_FIELDS:
+                raise ConfigError(f"model.overrides.{name}: {name} is how the model runs, not its architecture; "
+                                  f"set model.{name} instead")
         try:
-            return LlamaConfig.preset(
-                m.preset, param_dtype=m.param_dtype, dtype=m.dtype, remat_policy=m.remat_policy,
-                scan_layers=m.scan_layers, **m.overrides
-            )
+            return LlamaConfig.preset(m.preset, **m.overrides)
         except (TypeError, ValueError) as error:
             raise ConfigError(f"model: {error}") from error
+
+    def runtime(self) -> ModelRuntime:
+        """How this run runs the model; eval and export choose their own for the same weights."""
+        m = self.model
+        try:
+            return ModelRuntime(param_dtype=m.param_dtype, dtype=m.dtype, remat_policy=m.remat_policy,
+                                kernels=m.kernels, scan_layers=m.scan_layers)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
 
     def decay_steps(self) -> int:
         return self.optimizer.decay_steps or self.train.steps
@@ -203,6 +218,7 @@ def validate(config: TrainConfig, device_count: int | None = None) -> None:
     """Everything checkable before workers start; `device_count` defaults to one device per worker."""
     t, o = config.train, config.optimizer
     llama = config.llama()
+    config.runtime()  # a dtype, remat policy or kernel set that does not exist fails here
     positive = {
         "train.steps": t.steps, "train.seq_len": t.seq_len, "train.global_batch_size": t.global_batch_size,
         "train.micro_batches": t.micro_batches, "train.log_every": t.log_every,

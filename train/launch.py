@@ -32,7 +32,7 @@ from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 from openllama import commands, files, ray_jobs, tracking
 from openllama.config import build, redact_tree, to_dict
-from openllama.data import tokenize, tokenizer
+from openllama.data import pack, tokenizer
 from openllama.data.shards import DatasetNotFinished, PackedDataset
 from openllama.train.checkpoint import MODEL_JSON, STATE_JSON, TOKENIZER, RunDir, under
 from openllama.train.config import TrainConfig, load_config, validate
@@ -177,7 +177,7 @@ def ensure_dataset(config: TrainConfig) -> None:
     if model is None or not files.is_file(model):
         model = tokenizer.train_tokenizer([config.data.build_from], f"{out}-tokenizer",
                                           vocab_size=config.llama().vocab_size)
-    tokenize.tokenize_dataset([config.data.build_from], model, out, seq_len=config.train.seq_len)
+    pack.tokenize_dataset([config.data.build_from], model, out, seq_len=config.train.seq_len)
 
 
 def open_tracking_run(config: TrainConfig) -> str | None:

@@ -1,4 +1,4 @@
-"""LLaMA in Flax, read top to bottom: config and presets, the blocks, the model, the KV cache.
+"""LLaMA in Flax, read top to bottom: architecture and presets, how it runs, the blocks, the model, the KV cache.
 
 Layout matches Hugging Face's `LlamaForCausalLM` so that conversion is only renaming and transposing:
 rotary embeddings use the rotate-half layout (Meta/EasyLM interleave pairs instead; `convert/easylm.py`
@@ -9,6 +9,8 @@ given backend is `kernels.py`'s business; nothing here knows about devices, mesh
 from __future__ import annotations
 
 import dataclasses
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,11 +38,13 @@ REMAT_POLICIES = {
         offload_src="device", offload_dst="pinned_host",
     ),
 }
+STACKED = "layers"  # the scanned blocks' parameters, one tree with a leading layer axis (`stack_layers`)
 
 
 @dataclass(frozen=True)
 class LlamaConfig:
-    """Architecture of one LLaMA model; field names follow Hugging Face's `LlamaConfig`."""
+    """Architecture of one LLaMA model, all a checkpoint's model.json holds; field names follow Hugging Face's
+    `LlamaConfig`. How a given run executes it is `ModelRuntime`'s."""
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -55,11 +59,6 @@ class LlamaConfig:
     initializer_range: float = 0.02
     bos_token_id: int = 1
     eos_token_id: int = 2
-    param_dtype: str = "float32"
-    dtype: str = "float32"
-    remat_policy: str = "none"
-    kernels: str = "auto"  # how matmul and attention run (train/kernels.py); not part of the architecture
-    scan_layers: bool = False  # run the blocks as one scanned body (compile time and memory flat in depth)
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -74,13 +73,6 @@ class LlamaConfig:
                 f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
                 f"model.num_key_value_heads={self.num_key_value_heads}"
             )
-        for name in ("param_dtype", "dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"model.{name}={getattr(self, name)!r}; allowed: {sorted(DTYPES)}")
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"model.remat_policy={self.remat_policy!r}; allowed: {sorted(REMAT_POLICIES)}")
-        if self.kernels not in kernels.KERNELS:
-            raise ValueError(f"model.kernels={self.kernels!r}; allowed: {list(kernels.KERNELS)}")
 
     @property
     def head_dim(self) -> int:
@@ -122,6 +114,30 @@ PRESETS: dict[str, LlamaConfig] = {
 }
 
 
+@dataclass(frozen=True)
+class ModelRuntime:
+    """How a model is run, apart from what it is: the same weights train, evaluate and export under different
+    choices, so none of these is saved with them (a training run sets them as `model.*`)."""
+
+    param_dtype: str = "float32"  # the dtype parameters are created in (a loaded tree keeps its own)
+    dtype: str = "float32"  # the dtype products and activations are computed in
+    remat_policy: str = "none"  # what the backward pass keeps from the forward (REMAT_POLICIES)
+    kernels: str = "auto"  # how matmul and attention run (train/kernels.py)
+    scan_layers: bool = False  # the blocks as one scanned body over stacked parameters (compile time flat in depth)
+
+    def __post_init__(self) -> None:
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"model.{name}={getattr(self, name)!r}; allowed: {sorted(DTYPES)}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"model.remat_policy={self.remat_policy!r}; allowed: {sorted(REMAT_POLICIES)}")
+        if self.kernels not in kernels.KERNELS:
+            raise ValueError(f"model.kernels={self.kernels!r}; allowed: {list(kernels.KERNELS)}")
+
+
+DEFAULT_RUNTIME = ModelRuntime()  # float32 throughout, layer by layer, the backend's own kernels
+
+
 class Dense(nn.Module):
     """A linear layer without bias over the last axis, kernel (in, out) like `nn.Dense`'s.
 
@@ -131,29 +147,32 @@ class Dense(nn.Module):
 
     features: int
     config: LlamaConfig
+    runtime: ModelRuntime
     saved_as: str = "projection"  # the name remat policies know this product's output by
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        c = self.config
+        r = self.runtime
         kernel = self.param(
-            "kernel", nn.initializers.normal(c.initializer_range), (x.shape[-1], self.features),
-            DTYPES[c.param_dtype],
+            "kernel", nn.initializers.normal(self.config.initializer_range), (x.shape[-1], self.features),
+            DTYPES[r.param_dtype],
         )
-        rows = x.reshape(-1, x.shape[-1]).astype(DTYPES[c.dtype])
-        out = checkpoint_name(kernels.matmul(rows, kernel, c.kernels), self.saved_as)
+        rows = x.reshape(-1, x.shape[-1]).astype(DTYPES[r.dtype])
+        out = checkpoint_name(kernels.matmul(rows, kernel, r.kernels), self.saved_as)
         return out.reshape(*x.shape[:-1], self.features)
 
 
 class RMSNorm(nn.Module):
     config: LlamaConfig
+    runtime: ModelRuntime
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), DTYPES[self.config.param_dtype])
+        dtype = DTYPES[self.runtime.dtype]
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), DTYPES[self.runtime.param_dtype])
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.rms_norm_eps)
-        return weight.astype(DTYPES[self.config.dtype]) * x32.astype(DTYPES[self.config.dtype])
+        return weight.astype(dtype) * x32.astype(dtype)
 
 
 def rotary_tables(positions: jax.Array, dim: int, theta: float, dtype: Any) -> tuple[jax.Array, jax.Array]:
@@ -177,22 +196,23 @@ def rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 class Attention(nn.Module):
     config: LlamaConfig
+    runtime: ModelRuntime
 
     @nn.compact
     def __call__(
         self, x: jax.Array, rope: tuple[jax.Array, jax.Array], cache: dict | None, mask: jax.Array | None
     ) -> tuple[jax.Array, dict | None]:
-        c = self.config
+        c, r = self.config, self.runtime
         batch, seq, _ = x.shape
-        q = Dense(c.num_attention_heads * c.head_dim, c, "query", name="q_proj")(x)
-        k = Dense(c.num_key_value_heads * c.head_dim, c, "kv", name="k_proj")(x)
-        v = Dense(c.num_key_value_heads * c.head_dim, c, "kv", name="v_proj")(x)
+        q = Dense(c.num_attention_heads * c.head_dim, c, r, "query", name="q_proj")(x)
+        k = Dense(c.num_key_value_heads * c.head_dim, c, r, "kv", name="k_proj")(x)
+        v = Dense(c.num_key_value_heads * c.head_dim, c, r, "kv", name="v_proj")(x)
         heads = ("batch", "seq", "heads", "head_dim")
         q = constrain(rotary(q.reshape(batch, seq, c.num_attention_heads, c.head_dim), *rope), *heads)
         k = constrain(rotary(k.reshape(batch, seq, c.num_key_value_heads, c.head_dim), *rope), *heads)
         v = constrain(v.reshape(batch, seq, c.num_key_value_heads, c.head_dim), *heads)
         if cache is None:
-            out = kernels.attention(q, k, v, mask, c.kernels)  # mask None: causal
+            out = kernels.attention(q, k, v, mask, r.kernels)  # mask None: causal
         else:
             index = cache["index"]
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
@@ -201,34 +221,35 @@ class Attention(nn.Module):
             key_pos = jnp.arange(k.shape[1])
             query_pos = index + jnp.arange(seq)
             mask = (key_pos[None, :] <= query_pos[:, None])[None, None]
-            out = kernels.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, c.kernels)
+            out = kernels.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, r.kernels)
         out = out.reshape(batch, seq, c.num_attention_heads * c.head_dim)
-        return Dense(c.hidden_size, c, name="o_proj")(out), cache
+        return Dense(c.hidden_size, c, r, name="o_proj")(out), cache
 
 
 class MLP(nn.Module):
     config: LlamaConfig
+    runtime: ModelRuntime
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        c = self.config
-        gate = Dense(c.intermediate_size, c, name="gate_proj")(x)
-        up = Dense(c.intermediate_size, c, name="up_proj")(x)
-        return Dense(c.hidden_size, c, name="down_proj")(constrain(nn.silu(gate) * up, "batch", "seq", "mlp"))
+        c, r = self.config, self.runtime
+        gate = Dense(c.intermediate_size, c, r, name="gate_proj")(x)
+        up = Dense(c.intermediate_size, c, r, name="up_proj")(x)
+        return Dense(c.hidden_size, c, r, name="down_proj")(constrain(nn.silu(gate) * up, "batch", "seq", "mlp"))
 
 
 class Block(nn.Module):
     config: LlamaConfig
+    runtime: ModelRuntime
 
     @nn.compact
     def __call__(
         self, x: jax.Array, rope: tuple[jax.Array, jax.Array], cache: dict | None, mask: jax.Array | None
     ) -> tuple[jax.Array, dict | None]:
-        attn_out, cache = Attention(self.config, name="self_attn")(
-            RMSNorm(self.config, name="input_layernorm")(x), rope, cache, mask
-        )
+        c, r = self.config, self.runtime
+        attn_out, cache = Attention(c, r, name="self_attn")(RMSNorm(c, r, name="input_layernorm")(x), rope, cache, mask)
         x = x + attn_out
-        x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="post_attention_layernorm")(x))
+        x = x + MLP(c, r, name="mlp")(RMSNorm(c, r, name="post_attention_layernorm")(x))
         return constrain(x, "batch", "seq", "embed"), cache
 
 
@@ -238,26 +259,38 @@ class Llama(nn.Module):
     `hidden_states` and `logits` are the two halves of a call, for callers that need the output layer
     at a few positions only (eval scores continuations, not contexts). `mask` [batch, 1, seq, seq]
     replaces the causal mask, e.g. to pack several sequences into one row.
+
+    With `runtime.scan_layers` the blocks are one `nn.scan` over parameters held stacked (`layers`, a
+    leading layer axis: `stack_layers`), so XLA compiles and schedules one block body whatever the depth
+    and no step stacks them; otherwise each block has its own tree (`layers_0`, `layers_1`, ...), the
+    layout of every checkpoint and of the KV-cache decoder.
     """
 
     config: LlamaConfig
+    runtime: ModelRuntime = DEFAULT_RUNTIME
 
     def setup(self) -> None:
-        c = self.config
+        c, r = self.config, self.runtime
         self.embed_tokens = nn.Embed(
             c.vocab_size,
             c.hidden_size,
-            dtype=DTYPES[c.dtype],
-            param_dtype=DTYPES[c.param_dtype],
+            dtype=DTYPES[r.dtype],
+            param_dtype=DTYPES[r.param_dtype],
             embedding_init=nn.initializers.normal(c.initializer_range),
         )
-        block = Block
-        if REMAT_POLICIES[c.remat_policy] is not None:
-            block = nn.remat(Block, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=True)
-        self.layers = [block(c) for _ in range(c.num_hidden_layers)]  # named layers_0, layers_1, ...
-        self.norm = RMSNorm(c)
+        policy = REMAT_POLICIES[r.remat_policy]
+        # inside a scan each body is traced apart already, so remat needs no CSE barrier there
+        block = Block if policy is None else nn.remat(Block, policy=policy, prevent_cse=not r.scan_layers)
+        if r.scan_layers:
+            self.layers = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_hidden_layers,
+            )(c, r)
+        else:
+            self.layers = [block(c, r) for _ in range(c.num_hidden_layers)]  # named layers_0, layers_1, ...
+        self.norm = RMSNorm(c, r)
         if not c.tie_word_embeddings:
-            self.lm_head = Dense(c.vocab_size, c)
+            self.lm_head = Dense(c.vocab_size, c, r)
 
     def __call__(
         self,
@@ -282,28 +315,17 @@ class Llama(nn.Module):
             positions = start + jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         x = constrain(self.embed_tokens(input_ids), "batch", "seq", "embed")
         rope = rotary_tables(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        if self.config.scan_layers and cache is None and not self.is_initializing():
-            return self.norm(self.scanned_blocks(x, rope, mask)), None
+        if self.runtime.scan_layers:
+            if cache is not None:
+                raise ValueError("a KV cache decodes layer by layer: run with scan_layers=False on the "
+                                 "per-layer parameters (unstack_layers)")
+            return self.norm(self.layers(x, rope, None, mask)[0]), None
         new_cache = [] if cache is not None else None
         for i, layer in enumerate(self.layers):
             x, layer_cache = layer(x, rope, None if cache is None else cache[i], mask)
             if new_cache is not None:
                 new_cache.append(layer_cache)
         return self.norm(x), new_cache
-
-    def scanned_blocks(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array | None) -> jax.Array:
-        """The blocks as `lax.scan` over their stacked parameters: one block body for XLA to compile and
-        schedule, whatever the depth. The parameters stay one tree per layer, as checkpoints hold them."""
-        c = self.config
-        layers = [self.variables["params"][f"layers_{i}"] for i in range(c.num_hidden_layers)]
-        stacked = jax.tree.map(lambda *per_layer: jnp.stack(per_layer), *layers)
-
-        def block(x: jax.Array, params: dict) -> tuple[jax.Array, None]:
-            return Block(c, parent=None).apply({"params": params}, x, rope, None, mask)[0], None
-
-        if REMAT_POLICIES[c.remat_policy] is not None:
-            block = jax.checkpoint(block, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=False)
-        return jax.lax.scan(block, x, stacked)[0]
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Float32 logits over the vocabulary for hidden states of any leading shape."""
@@ -312,16 +334,49 @@ class Llama(nn.Module):
         return self.lm_head(hidden).astype(jnp.float32)
 
 
-def init_params(config: LlamaConfig, seed: int = 0) -> dict:
-    """Fresh parameters, normal(std=initializer_range) as OpenLLaMA was initialized."""
+def layer_name(index: int) -> str:
+    """The key of block `index`'s own tree, as flax names the members of the `layers` list."""
+    return f"{STACKED}_{index}"
+
+
+def stack_layers(params: dict) -> dict:
+    """Per-layer trees (`layers_0` ... `layers_{n-1}`) as one `layers` tree with a leading layer axis: the layout
+    the scanned blocks hold their parameters in. Any tree keyed like the parameters (Adam's moments) stacks too."""
+    count = sum(1 for key in params if key.startswith(f"{STACKED}_"))
+    layers = [params[layer_name(i)] for i in range(count)]
+    rest = {key: value for key, value in params.items() if not key.startswith(f"{STACKED}_")}
+    return {**rest, STACKED: jax.tree.map(lambda *per_layer: jnp.stack(per_layer), *layers)}
+
+
+def unstack_layers(params: dict, take: Callable[[Any, int], Any] = operator.getitem) -> dict:
+    """The inverse of `stack_layers`: one tree per layer, as checkpoints and foreign formats hold them.
+    `take(leaf, i)` is layer i of a stacked leaf (an abstract tree takes its shape and sharding instead)."""
+    stacked = params[STACKED]
+    count = jax.tree.leaves(stacked)[0].shape[0]
+    rest = {key: value for key, value in params.items() if key != STACKED}
+    return {**rest, **{layer_name(i): jax.tree.map(lambda leaf, i=i: take(leaf, i), stacked) for i in range(count)}}
+
+
+def is_stacked(tree: Any) -> bool:
+    """Whether `tree` is a parameter tree (or one keyed like it) whose blocks are stacked for the scan."""
+    return isinstance(tree, dict) and STACKED in tree
+
+
+def init_params(config: LlamaConfig, seed: int = 0, runtime: ModelRuntime = DEFAULT_RUNTIME) -> dict:
+    """Fresh parameters, normal(std=initializer_range) as OpenLLaMA was initialized, in `runtime`'s layout.
+
+    Always drawn layer by layer, then stacked for a scan: the same seed gives the same model either way.
+    """
     dummy = jnp.zeros((1, 1), jnp.int32)
-    return Llama(config).init(jax.random.PRNGKey(seed), dummy)["params"]
+    per_layer = dataclasses.replace(runtime, scan_layers=False)
+    params = Llama(config, per_layer).init(jax.random.PRNGKey(seed), dummy)["params"]
+    return stack_layers(params) if runtime.scan_layers else params
 
 
-def init_cache(config: LlamaConfig, batch: int, max_len: int) -> list[dict]:
-    """An empty KV cache for `max_len` positions, one entry per layer."""
+def init_cache(config: LlamaConfig, runtime: ModelRuntime, batch: int, max_len: int) -> list[dict]:
+    """An empty KV cache for `max_len` positions, one entry per layer, in the runtime's compute dtype."""
     shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
-    dtype = DTYPES[config.dtype]
+    dtype = DTYPES[runtime.dtype]
     return [
         {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "index": jnp.array(0, jnp.int32)}
         for _ in range(config.num_hidden_layers)

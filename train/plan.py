@@ -108,10 +108,10 @@ def target_slice(config: TrainConfig) -> Slice:
 def plan(config: TrainConfig, name: str) -> StepPlan:
     """Compile `config`'s train step for its slice and measure it."""
     tpu = target_slice(config)
-    llama = config.llama()
-    llama = dataclasses.replace(llama, kernels=kernels.for_platform(llama.kernels, "tpu"))
+    llama, runtime = config.llama(), config.runtime()
+    runtime = dataclasses.replace(runtime, kernels=kernels.for_platform(runtime.kernels, "tpu"))
     devices = compile_only_devices(tpu)
-    program = make_program(config, devices, llama)
+    program = make_program(config, devices, runtime)
     state, batch = program.abstract_state, program.abstract_batch(config)
     started = time.perf_counter()
     with jax.set_mesh(program.mesh):
@@ -137,7 +137,7 @@ def plan(config: TrainConfig, name: str) -> StepPlan:
         host, by_kind = 0, {}
     needed = sizes["arguments"] + sizes["outputs"] - sizes["aliased"] + sizes["temporaries"]
     params = llama.num_params()
-    gathered = np.dtype(llama.param_dtype).itemsize * params * (tpu.chips - 1) / tpu.chips
+    gathered = np.dtype(runtime.param_dtype).itemsize * params * (tpu.chips - 1) / tpu.chips
     return StepPlan(
         config=name, slice=tpu.name, topology=tpu.topology, devices=len(devices), mesh=dict(program.mesh.shape),
         fits=needed <= tpu.hbm_bytes, hbm_needed_bytes=int(needed), hbm_capacity_bytes=tpu.hbm_bytes,
@@ -145,8 +145,8 @@ def plan(config: TrainConfig, name: str) -> StepPlan:
         model_flops_per_step=llama.flops_per_token(config.train.seq_len) * config.train.global_batch_size
         * config.train.seq_len,
         collective_bytes_per_step=sum(by_kind.values()), collective_bytes_by_kind=by_kind,
-        fsdp_minimum_bytes_per_step=3 * gathered, compile_seconds=seconds, kernels=llama.kernels,
-        remat_policy=llama.remat_policy,
+        fsdp_minimum_bytes_per_step=3 * gathered, compile_seconds=seconds, kernels=runtime.kernels,
+        remat_policy=runtime.remat_policy,
     )
 
 

@@ -37,6 +37,9 @@ RULES: tuple[tuple[str, P], ...] = (
     (r"(input_layernorm|post_attention_layernorm|norm)/weight$", P()),
     (r"lm_head/kernel$", P("fsdp", "tp")),
 )
+# the scanned blocks' parameters held stacked (model.STACKED): the rule of the layer's own tensor, behind a
+# leading layer axis that is never sharded, so each step of the scan takes one whole layer
+STACKED_LAYERS = r"(^|/)layers/"
 
 
 # logical activation axis -> mesh axes; the model names what an axis is, this table where it lives
@@ -77,7 +80,7 @@ def path_name(path: tuple) -> str:
 def spec_for(name: str) -> P:
     for pattern, spec in RULES:
         if re.search(pattern, name):
-            return spec
+            return P(None, *spec) if re.search(STACKED_LAYERS, name) else spec
     raise ValueError(f"parameter {name} matches no rule in openllama.train.sharding.RULES; add one")
 
 
@@ -101,6 +104,13 @@ def check_divisible(params: Any, axis_sizes: dict[str, int]) -> None:
             if size % ways:
                 raise ConfigError(f"parameter {name} {tuple(leaf.shape)} cannot be laid out as {spec} on mesh "
                                   f"{axis_sizes}: its axis of {size} does not divide {ways} ways")
+
+
+def one_layer(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """The sharding of one layer of a stacked parameter: that of the stack without its leading layer axis."""
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, P(*sharding.spec[1:]))
+    return sharding
 
 
 def param_shardings(params: Any, mesh: Mesh) -> Any:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
-from openllama.train.model import Llama, LlamaConfig
+from openllama.train.model import Llama, LlamaConfig, ModelRuntime
 from openllama.train.sharding import path_name
 
 TrainState = dict[str, Any]  # {"params", "opt_state", "step"}
@@ -86,6 +86,7 @@ def mean_loss(model: Llama, params: Any, tokens: jax.Array) -> jax.Array:
 
 def make_train_step(
     config: LlamaConfig,
+    runtime: ModelRuntime,
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule,
     micro_batches: int,
@@ -97,7 +98,7 @@ def make_train_step(
     metrics: loss, grad_norm (before clipping), learning_rate (of this step), finite (loss and grads).
     With `skip_nonfinite` a step whose loss or gradients are NaN/Inf leaves params and optimizer unchanged.
     """
-    model = Llama(config)
+    model = Llama(config, runtime)
     grad_fn = jax.value_and_grad(lambda params, tokens: mean_loss(model, params, tokens))
 
     def step(state: TrainState, tokens: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -136,9 +137,9 @@ def make_train_step(
     return step
 
 
-def make_eval_step(config: LlamaConfig):
+def make_eval_step(config: LlamaConfig, runtime: ModelRuntime):
     """`eval(params, tokens[B, seq+1], row_weight[B]) -> (summed token loss, token count)`; weight 0 = padding."""
-    model = Llama(config)
+    model = Llama(config, runtime)
 
     def evaluate(params: Any, tokens: jax.Array, row_weight: jax.Array) -> tuple[jax.Array, jax.Array]:
         losses = token_losses(model, params, tokens)

@@ -29,9 +29,9 @@ from openllama.data.shards import PackedDataset
 from openllama.data.tokenizer import load_for_model
 from openllama.train.checkpoint import CheckpointWriter, RunDir, restore_step
 from openllama.train.config import TrainConfig, validate
-from openllama.train.convert.sources import check_architecture, load_params
 from openllama.train.goodput import Goodput, describe
 from openllama.train.heldout import heldout_metrics
+from openllama.train.init_from import check_architecture, load_params
 from openllama.train.loader import GlobalBatches, local_rows
 from openllama.train.preemption import PreemptionWatch
 from openllama.train.program import make_program
@@ -143,7 +143,7 @@ class Trainer:
         self.run = RunDir(config.run_dir, staging=config.staging_dir)
         self.rank = jax.process_index()
         validate(config, jax.device_count())
-        self.program = make_program(config, jax.devices(), self.llama)
+        self.program = make_program(config, jax.devices())
         self.train_step = self.program.train_step  # an attribute of its own: tests wrap it to inject faults
         train_data, self.validation = open_datasets(config)
         self.batches = GlobalBatches(train_data, config.train.global_batch_size, config.train.seed,
@@ -177,8 +177,8 @@ class Trainer:
         if latest is None and self.config.train.init_from:
             log.info("starting from the weights of %s (train.init_from)", self.config.train.init_from)
             state = self.program.init_state()
-            state["params"] = load_params(self.config.train.init_from, self.llama,
-                                          self.program.state_shardings["params"])
+            state["params"] = load_params(self.config.train.init_from, self.llama, self.program.runtime,
+                                          self.program.abstract_state["params"])
             return state
         if latest is None:
             return self.program.init_state()

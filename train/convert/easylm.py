@@ -32,7 +32,6 @@ of wq and wk are permuted per head on the way in, and back on the way out.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import math
@@ -46,11 +45,11 @@ from typing import BinaryIO
 
 import msgpack
 import numpy as np
-from flax import serialization
+from flax import serialization, traverse_util
 from tqdm import tqdm
 
 from openllama import commands, files
-from openllama.config import ConfigError, run_command
+from openllama.config import POSITIONAL, ConfigError
 from openllama.train import checkpoint
 from openllama.train.convert.tree import (
     ConversionError,
@@ -59,6 +58,7 @@ from openllama.train.convert.tree import (
     get_path,
     param_paths,
     set_path,
+    stored_dtype,
     unify_dtype,
 )
 from openllama.train.model import DTYPES, PRESETS, LlamaConfig
@@ -124,18 +124,13 @@ def layer_key(layer: int, block_name: Key) -> Key:
     return ("transformer", "h", str(layer), *block_name)
 
 
-def interleaved_to_rotate_half(kernel: np.ndarray, heads: int) -> np.ndarray:
-    """Reorder a (in, heads*head_dim) kernel's outputs from pairs (x0,y0,x1,y1..) to halves (x0,x1..,y0,y1..)."""
+def interleaved_to_rotate_half(kernel: np.ndarray, heads: int, inverse: bool = False) -> np.ndarray:
+    """Reorder a (in, heads*head_dim) kernel's outputs from pairs (x0,y0,x1,y1..) to halves (x0,x1..,y0,y1..);
+    `inverse` goes back, for writing EasyLM files. Either way a swap of the head's two inner axes."""
     fan_in, fan_out = kernel.shape
-    head_dim = fan_out // heads
-    return kernel.reshape(fan_in, heads, head_dim // 2, 2).transpose(0, 1, 3, 2).reshape(fan_in, fan_out)
-
-
-def rotate_half_to_interleaved(kernel: np.ndarray, heads: int) -> np.ndarray:
-    """Inverse of `interleaved_to_rotate_half` (for writing EasyLM files)."""
-    fan_in, fan_out = kernel.shape
-    head_dim = fan_out // heads
-    return kernel.reshape(fan_in, heads, 2, head_dim // 2).transpose(0, 1, 3, 2).reshape(fan_in, fan_out)
+    inner = (fan_out // heads // 2, 2)
+    shape = (fan_in, heads, *(inner[::-1] if inverse else inner))
+    return kernel.reshape(shape).transpose(0, 1, 3, 2).reshape(fan_in, fan_out)
 
 
 # --- msgpack headers, read and written here so that no tensor is copied on its way -----------------------
@@ -226,26 +221,17 @@ def read_array_header(stream: BinaryIO) -> tuple[tuple[int, ...], np.dtype, int]
     return shape, dtype, stream.tell() - start
 
 
-def bin_header(size: int) -> bytes:
-    """msgpack's header of a bin of `size` bytes (the smallest form, as msgpack's packer writes it)."""
-    if size < 1 << 8:
-        return b"\xc4" + size.to_bytes(1, "big")
-    if size < 1 << 16:
-        return b"\xc5" + size.to_bytes(2, "big")
-    return b"\xc6" + size.to_bytes(4, "big")
+def bin_header(size: int, kind: str = "bin") -> bytes:
+    """msgpack's header of a bin (or ext) of `size` bytes in the smallest form, as msgpack's packer writes it:
+    `read_header`'s table read backwards."""
+    width = 1 if size < 1 << 8 else 2 if size < 1 << 16 else 4
+    first = next(code for code, form in SIZED_HEADERS.items() if form == (kind, width))
+    return bytes([first]) + size.to_bytes(width, "big")
 
 
 def ext_header(size: int, code: int) -> bytes:
-    fixed = {1: 0xD4, 2: 0xD5, 4: 0xD6, 8: 0xD7, 16: 0xD8}
-    if size in fixed:
-        head = bytes([fixed[size]])
-    elif size < 1 << 8:
-        head = b"\xc7" + size.to_bytes(1, "big")
-    elif size < 1 << 16:
-        head = b"\xc8" + size.to_bytes(2, "big")
-    else:
-        head = b"\xc9" + size.to_bytes(4, "big")
-    return head + bytes([code])
+    fixed = {length: first for first, length in FIXEXT_LENGTHS.items()}
+    return (bytes([fixed[size]]) if size in fixed else bin_header(size, "ext")) + bytes([code])
 
 
 def raw_bytes(array: np.ndarray) -> np.ndarray:
@@ -342,14 +328,6 @@ def read_tensor(stream: BinaryIO, tensor: Tensor, path: Path) -> np.ndarray:
     return array
 
 
-def flatten_tree(tree: dict, prefix: Key = ()) -> Iterator[tuple[Key, object]]:
-    for name, value in tree.items():
-        if isinstance(value, dict):
-            yield from flatten_tree(value, (*prefix, str(name)))
-        else:
-            yield (*prefix, str(name)), value
-
-
 class EasylmFile:
     """An EasyLM checkpoint opened for reading: its LLaMA tensors by EasyLM name, their shapes known before
     any tensor is read (streamed files), and then the tensors one at a time."""
@@ -413,7 +391,7 @@ class EasylmFile:
         if not isinstance(tree, dict):
             raise ConversionError(f"{self.path}: a flax msgpack of a parameter tree holds a mapping, not "
                                   f"{type(tree).__name__}")
-        self.flax_tree = dict(flatten_tree(tree))
+        self.flax_tree = {tuple(map(str, key)): value for key, value in traverse_util.flatten_dict(tree).items()}
         return [Tensor(key, np.shape(value), np.asarray(value).dtype, 0, 0, None)
                 for key, value in self.flax_tree.items()]
 
@@ -568,8 +546,7 @@ def read_easylm(
     params: dict = {}
     for path, array in iter_easylm_params(source, config, needs):
         set_path(params, path, array)
-    params, dtype = unify_dtype(params, str(source.path))
-    return dataclasses.replace(config, param_dtype=dtype), params
+    return config, unify_dtype(params, str(source.path))
 
 
 def read_easylm_params(spec: str, config: LlamaConfig) -> dict:
@@ -626,7 +603,7 @@ def export_easylm(ckpt: str | Path, out_file: str | Path, dtype: str | None = No
     """
     config, params, _ = checkpoint.load_model(ckpt)
     check_params(params, config, str(ckpt))
-    dtype = dtype or config.param_dtype
+    dtype = dtype or stored_dtype(params, str(ckpt))
     if dtype not in DTYPES:
         raise ConversionError(f"dtype={dtype!r}; allowed: {sorted(DTYPES)}")
     if not files.is_uri(out_file) and Path(out_file).exists():
@@ -638,9 +615,9 @@ def export_easylm(ckpt: str | Path, out_file: str | Path, dtype: str | None = No
             if key == LM_HEAD and path[0] == "embed_tokens":
                 array = array.T
             if path[-2:] == ("q_proj", "kernel"):
-                array = rotate_half_to_interleaved(array, config.num_attention_heads)
+                array = interleaved_to_rotate_half(array, config.num_attention_heads, inverse=True)
             elif path[-2:] == ("k_proj", "kernel"):
-                array = rotate_half_to_interleaved(array, config.num_key_value_heads)
+                array = interleaved_to_rotate_half(array, config.num_key_value_heads, inverse=True)
             array = np.ascontiguousarray(array)
             if array.nbytes > serialization.MAX_CHUNK_SIZE:  # flax splits such arrays into chunks
                 stream.write(msgpack.packb((key, serialization.to_bytes(array))))
@@ -657,13 +634,14 @@ def export_easylm(ckpt: str | Path, out_file: str | Path, dtype: str | None = No
 class ImportEasylmConfig:
     """`openllama import-easylm`: an EasyLM checkpoint into one of ours, its architecture read from the tensors."""
 
-    file: str  # LOAD_TYPE::FILE (params::, trainstate_params::, trainstate::, flax_params::), or FILE (recognized)
-    checkpoint: str  # new checkpoint directory
+    # LOAD_TYPE::FILE (params::, trainstate_params::, trainstate::, flax_params::), or FILE (its kind recognized)
+    file: str = dataclasses.field(metadata={POSITIONAL: True})
+    checkpoint: str = dataclasses.field(metadata={POSITIONAL: True})  # new checkpoint directory
     preset: str | None = None  # check the file against this model preset (None: the architecture is the file's)
     num_heads: int | None = None  # attention heads, in no tensor (None: the preset's, or a preset's of equal shapes)
     num_kv_heads: int | None = None  # key/value heads (None: wk's width over the head size)
-    rope_theta: float | None = None  # in no tensor (None: the preset's, else LLaMA's)
-    rms_norm_eps: float | None = None  # in no tensor (None: the preset's, else LLaMA's)
+    rope_theta: float | None = None  # rotary base frequency, in no tensor (None: the preset's, else LLaMA's)
+    rms_norm_eps: float | None = None  # RMSNorm epsilon, in no tensor (None: the preset's, else LLaMA's)
     max_position_embeddings: int | None = None  # context length, in no tensor (None: the preset's, else LLaMA's)
     tokenizer: str | None = None  # tokenizer.model to keep with the weights
 
@@ -680,8 +658,10 @@ class ImportEasylmConfig:
 class ExportEasylmConfig:
     """`openllama export-easylm`: one of our checkpoints as an EasyLM `params::` streaming file."""
 
-    checkpoint: str  # a model checkpoint, or a training run directory (its newest checkpoint)
-    file: str  # the new EasyLM file (a local path or a gs://, s3:// URI); EasyLM loads it as params::FILE
+    # a model checkpoint, or a training run directory (its newest checkpoint)
+    checkpoint: str = dataclasses.field(metadata={POSITIONAL: True})
+    # the new EasyLM file (a local path or a gs://, s3:// URI); EasyLM loads it as params::FILE
+    file: str = dataclasses.field(metadata={POSITIONAL: True})
     dtype: str | None = None  # float32/bfloat16/float16, EasyLM's fp32/bf16/fp16 (None: the checkpoint's)
 
     def __post_init__(self) -> None:
@@ -692,39 +672,19 @@ class ExportEasylmConfig:
 def describe(config: LlamaConfig) -> str:
     head = "tied" if config.tie_word_embeddings else "untied"
     return (f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads "
-            f"({config.num_key_value_heads} key/value), vocab {config.vocab_size}, {head} head, {config.param_dtype}")
+            f"({config.num_key_value_heads} key/value), vocab {config.vocab_size}, {head} head")
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="openllama import-easylm", description=ImportEasylmConfig.__doc__,
-                                     epilog=commands.EXIT_CODES)
-    parser.add_argument("file", help="params::FILE, trainstate_params::FILE, trainstate::FILE, flax_params::FILE, "
-                                     "or FILE (its kind recognized)")
-    parser.add_argument("checkpoint", help="new checkpoint directory")
-    parser.add_argument("--preset", help=f"check the file against a model preset: one of {sorted(PRESETS)}")
-    parser.add_argument("--num-heads", type=int, help="attention heads (default: the preset's, or those of the "
-                                                      "preset with the file's shapes)")
-    parser.add_argument("--num-kv-heads", type=int, help="key/value heads (default: from wk's width)")
-    parser.add_argument("--tokenizer", help="tokenizer.model to keep with the weights")
-
-    def work(config: ImportEasylmConfig) -> None:
-        commands.quiet_libraries()
-        unseen = {name: getattr(config, name) for name in UNSEEN_FIELDS}
-        path = import_easylm(config.file, config.checkpoint, config.preset, config.tokenizer, config.num_heads,
-                             config.num_kv_heads, **unseen)
-        print(f"wrote {path}: {describe(checkpoint.read_config(path))}")
-
-    return run_command(parser, ImportEasylmConfig, argv, work)
+def import_command(config: ImportEasylmConfig) -> None:
+    """Read an EasyLM checkpoint (OpenLLaMA's release: params::, trainstate_params::, trainstate::,
+    flax_params::) into one of ours, its architecture read from the tensors; prints what it found."""
+    commands.quiet_libraries()
+    unseen = {name: getattr(config, name) for name in UNSEEN_FIELDS}
+    path = import_easylm(config.file, config.checkpoint, config.preset, config.tokenizer, config.num_heads,
+                         config.num_kv_heads, **unseen)
+    print(f"wrote {path}: {describe(checkpoint.read_config(path))}")
 
 
-def export_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="openllama export-easylm", description=ExportEasylmConfig.__doc__,
-                                     epilog=commands.EXIT_CODES)
-    parser.add_argument("checkpoint", help="model checkpoint, or a training run directory (newest checkpoint)")
-    parser.add_argument("file", help="new EasyLM streaming file; EasyLM loads it as params::FILE")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="tensor dtype (default: the checkpoint's)")
-
-    def work(config: ExportEasylmConfig) -> None:
-        print(f"wrote {export_easylm(config.checkpoint, config.file, config.dtype)}")
-
-    return run_command(parser, ExportEasylmConfig, argv, work)
+def export_command(config: ExportEasylmConfig) -> None:
+    """Write one of our checkpoints (or a training run's newest) as an EasyLM `params::` streaming file."""
+    print(f"wrote {export_easylm(config.checkpoint, config.file, config.dtype)}")

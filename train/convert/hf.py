@@ -13,7 +13,6 @@ transformers' conversion, which drops SentencePiece's dummy-prefix space when a 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from collections.abc import Iterator
@@ -24,9 +23,9 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from openllama import commands, files
+from openllama import files
 from openllama.commands import BadInput
-from openllama.config import ConfigError, run_command
+from openllama.config import BARE, METAVAR, POSITIONAL, ConfigError
 from openllama.data.tokenizer import load_for_model, write_tokenizer
 from openllama.train import checkpoint
 from openllama.train.convert import registry
@@ -37,6 +36,7 @@ from openllama.train.convert.tree import (
     get_path,
     param_paths,
     set_path,
+    stored_dtype,
     unify_dtype,
 )
 from openllama.train.model import DTYPES, LlamaConfig
@@ -201,7 +201,7 @@ def write_hf(
     check_params(params, config, str(ckpt))
     if tokenizer is not None:
         check_tokenizer_fits(tokenizer, config)
-    dtype = dtype or config.param_dtype
+    dtype = dtype or stored_dtype(params, str(ckpt))
     if dtype not in DTYPES:
         raise ConversionError(f"dtype={dtype!r}; allowed: {sorted(DTYPES)}")
     tensors = {}
@@ -269,16 +269,15 @@ def params_from_hf_tensors(tensors: dict[str, np.ndarray], config: LlamaConfig, 
 def import_hf(hf_dir: str | Path, ckpt: str | Path, tokenizer: str | Path | None = None) -> Path:
     """Read a Hugging Face LLaMA directory into one of our checkpoints at `ckpt`.
 
-    Parameters keep the file's dtype (param_dtype in model.json), so export gives back the same bytes;
-    a file mixing dtypes is upcast to float32.
+    Parameters keep the file's dtype (the export's default), so export gives back the same bytes; a file
+    mixing dtypes is upcast to float32.
     """
     hf_dir = Path(hf_dir)
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise ConversionError(f"{hf_dir}: no config.json; is this a Hugging Face model directory?")
     config = config_from_hf(json.loads(config_path.read_text()), str(config_path))
-    params, dtype = unify_dtype(params_from_hf_tensors(read_safetensors(hf_dir), config, str(hf_dir)), str(hf_dir))
-    config = dataclasses.replace(config, param_dtype=dtype)
+    params = unify_dtype(params_from_hf_tensors(read_safetensors(hf_dir), config, str(hf_dir)), str(hf_dir))
     if tokenizer is None and (hf_dir / "tokenizer.model").is_file():
         tokenizer = hf_dir / "tokenizer.model"
     return checkpoint.save_model(ckpt, params, config, tokenizer)
@@ -291,14 +290,16 @@ def import_hf(hf_dir: str | Path, ckpt: str | Path, tokenizer: str | Path | None
 class ExportHfConfig:
     """`openllama export-hf`: one of our checkpoints as a Hugging Face model directory."""
 
-    checkpoint: str  # a model checkpoint, or a training run directory (its newest checkpoint)
-    out_dir: str  # new directory for the Hugging Face files
+    # a model checkpoint, or a training run directory (its newest checkpoint)
+    checkpoint: str = dataclasses.field(metadata={POSITIONAL: True})
+    out_dir: str = dataclasses.field(metadata={POSITIONAL: True})  # new directory for the Hugging Face files
     dtype: str | None = None  # tensor dtype, one of float32/bfloat16/float16 (None: the checkpoint's)
     max_shard_size: str = "5GB"  # safetensors files past this size are sharded (e.g. 2GB, 500MiB)
     tokenizer: str | None = None  # tokenizer.model to ship (None: the checkpoint's)
     # also register the export in MLflow's model registry as the next version of this name, linked to the
-    # training run ("": the run's name; None: do not register); needs MLFLOW_TRACKING_URI
-    register: str | None = None
+    # training run ("": the run's name, also what the flag alone means; None: do not register); needs
+    # MLFLOW_TRACKING_URI. Put the flag after OUT_DIR
+    register: str | None = dataclasses.field(default=None, metadata={BARE: "", METAVAR: "NAME"})
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -310,8 +311,9 @@ class ExportHfConfig:
 class ImportHfConfig:
     """`openllama import-hf`: any LLaMA-architecture Hugging Face directory into one of our checkpoints."""
 
-    hf_dir: str  # config.json + safetensors
-    checkpoint: str  # new checkpoint directory
+    # a Hugging Face model directory: config.json + safetensors
+    hf_dir: str = dataclasses.field(metadata={POSITIONAL: True})
+    checkpoint: str = dataclasses.field(metadata={POSITIONAL: True})  # new checkpoint directory
     tokenizer: str | None = None  # tokenizer.model to keep (None: the directory's)
 
 
@@ -326,44 +328,24 @@ def size_in_bytes(text: str) -> int:
         raise ConfigError(f"max_shard_size={text!r} is not a size like 5GB, 500MiB or 1000000") from None
 
 
-def export_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="openllama export-hf", description=ExportHfConfig.__doc__,
-                                     epilog=commands.EXIT_CODES)
-    parser.add_argument("checkpoint", help="model checkpoint, or a training run directory (newest checkpoint)")
-    parser.add_argument("out_dir", help="new directory for the Hugging Face files")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="tensor dtype (default: the checkpoint's)")
-    parser.add_argument("--max-shard-size", help="shard past this size (default 5GB)")
-    parser.add_argument("--tokenizer", help="tokenizer.model to ship (default: the checkpoint's)")
-    parser.add_argument("--register", nargs="?", const="", metavar="NAME",
-                        help="also register the export in MLflow's model registry as the next version of NAME "
-                             "(default: the training run's name), linked to the training run; needs "
-                             "MLFLOW_TRACKING_URI. Put it after OUT_DIR")
-
-    def work(config: ExportHfConfig) -> None:
-        shard_bytes = size_in_bytes(config.max_shard_size)
-        if config.register is None:
-            print(f"wrote {export_hf(config.checkpoint, config.out_dir, config.dtype, shard_bytes, config.tokenizer)}")
-            return
-        ckpt, run, run_id = registry.training_run(config.checkpoint)  # before any work: URI, run, server
-        out = Path(config.out_dir).absolute()
-        with files.new_directory(out) as tmp:  # registered before it is published: a failure leaves no OUT_DIR
-            write_hf(ckpt, tmp, config.dtype, shard_bytes, config.tokenizer)
-            version = registry.register_export(tmp, config.register or run.path.name, run_id, ckpt)
-        print(f"wrote {out}")
-        print(f"registered {version.uri} (MLflow run {run_id}); load it with "
-              f"mlflow.transformers.load_model({version.uri!r})")
-
-    return run_command(parser, ExportHfConfig, argv, work)
+def export_command(config: ExportHfConfig) -> None:
+    """Write one of our checkpoints (or a training run's newest) as a Hugging Face LlamaForCausalLM directory,
+    and with --register also as the next version of a model in MLflow's registry, linked to its training run."""
+    shard_bytes = size_in_bytes(config.max_shard_size)
+    if config.register is None:
+        print(f"wrote {export_hf(config.checkpoint, config.out_dir, config.dtype, shard_bytes, config.tokenizer)}")
+        return
+    ckpt, run, run_id = registry.training_run(config.checkpoint)  # before any work: URI, run, server
+    out = Path(config.out_dir).absolute()
+    with files.new_directory(out) as tmp:  # registered before it is published: a failure leaves no OUT_DIR
+        write_hf(ckpt, tmp, config.dtype, shard_bytes, config.tokenizer)
+        version = registry.register_export(tmp, config.register or run.path.name, run_id, ckpt)
+    print(f"wrote {out}")
+    print(f"registered {version.uri} (MLflow run {run_id}); load it with "
+          f"mlflow.transformers.load_model({version.uri!r})")
 
 
-def import_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="openllama import-hf", description=ImportHfConfig.__doc__,
-                                     epilog=commands.EXIT_CODES)
-    parser.add_argument("hf_dir", help="Hugging Face model directory (config.json + safetensors)")
-    parser.add_argument("checkpoint", help="new checkpoint directory")
-    parser.add_argument("--tokenizer", help="tokenizer.model to keep (default: the directory's)")
-
-    def work(config: ImportHfConfig) -> None:
-        print(f"wrote {import_hf(config.hf_dir, config.checkpoint, config.tokenizer)}")
-
-    return run_command(parser, ImportHfConfig, argv, work)
+def import_command(config: ImportHfConfig) -> None:
+    """Read any LLaMA-architecture Hugging Face directory (config.json + safetensors) into one of our
+    checkpoints, refusing anything that is not plain LLaMA."""
+    print(f"wrote {import_hf(config.hf_dir, config.checkpoint, config.tokenizer)}")

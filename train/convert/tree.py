@@ -81,12 +81,16 @@ def check_params(params: dict, config: LlamaConfig, source: str) -> None:
             raise ConversionError(f"{source}: tensor {name} has shape {tuple(value.shape)}, the config needs {shape}")
 
 
-def unify_dtype(params: dict, source: str) -> tuple[dict, str]:
-    """Parameters in one dtype: theirs when they share one, else all upcast to float32 (lossless)."""
+def stored_dtype(params: dict, source: str) -> str:
+    """The dtype parameters share (float32, lossless, when they mix): what an export writes unless told."""
     names = {np.dtype(a.dtype).name for a in jax.tree.leaves(params)}
     unsupported = sorted(names - set(DTYPES))
     if unsupported:
         raise ConversionError(f"{source}: tensors of dtype {unsupported}; supported: {sorted(DTYPES)}")
-    if len(names) == 1:
-        return params, names.pop()
-    return jax.tree.map(lambda a: a.astype(np.float32), params), "float32"
+    return names.pop() if len(names) == 1 else "float32"
+
+
+def unify_dtype(params: dict, source: str) -> dict:
+    """Parameters in one dtype: theirs when they share one, else all upcast to float32 (lossless)."""
+    dtype = stored_dtype(params, source)
+    return jax.tree.map(lambda a: a if np.dtype(a.dtype).name == dtype else a.astype(np.float32), params)

@@ -4,11 +4,14 @@ directory, or an EasyLM file (`params::FILE` and the other load types), read int
 Each parameter is placed straight into its sharding: from our checkpoints only the shards a process holds
 are read (a training step's state database, local or in a bucket, or orbax's params/), from safetensors
 only the slices its devices hold, and an EasyLM file is streamed one tensor at a time; no host holds the
-whole model. The architecture must be the run's (`model.*`); a field that differs is named.
+whole model. The architecture must be the run's (`model.preset`, `model.overrides`); a field that differs is
+named. The parameters arrive in the run's layout: per layer as every source holds them, stacked for a run that
+scans its blocks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -23,12 +26,11 @@ from openllama.config import ConfigError
 from openllama.train import checkpoint
 from openllama.train.convert import easylm, hf
 from openllama.train.convert.tree import get_path, set_path
-from openllama.train.model import DTYPES, LlamaConfig
+from openllama.train.model import DTYPES, LlamaConfig, ModelRuntime
 
-# what a source must share with the run; dtypes, remat, kernels and scan are the run's to choose
-ARCHITECTURE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "max_position_embeddings", "rope_theta", "rms_norm_eps", "tie_word_embeddings",
-                "bos_token_id", "eos_token_id")
+# what a source must share with the run: the architecture, but for the spread of a fresh init, which a run from
+# weights never draws (the runtime, `ModelRuntime`, is the run's own to choose)
+ARCHITECTURE = tuple(f.name for f in dataclasses.fields(LlamaConfig) if f.name != "initializer_range")
 
 
 def kind_of(source: str) -> str:
@@ -73,20 +75,23 @@ def check_architecture(source: str, run: LlamaConfig) -> None:
                               f"{name}={getattr(run, name)!r}; set model.preset/model.overrides to the source's")
 
 
-def load_params(source: str, run: LlamaConfig, shardings: Any) -> Any:
-    """The source's parameters as the run's param_dtype, each placed as `shardings` (the run's) says."""
+def load_params(source: str, run: LlamaConfig, runtime: ModelRuntime, target: Any) -> Any:
+    """The source's parameters in the run's param_dtype and layout, each placed as `target` (the run's abstract
+    parameters, with their shardings) says."""
     check_architecture(source, run)
-    dtype = DTYPES[run.param_dtype]
+    dtype = DTYPES[runtime.param_dtype]
+    shardings = jax.tree.map(lambda leaf: leaf.sharding, checkpoint.per_layer_target(target))
     kind = kind_of(source)
     if kind == "ours":
         _, params, _ = checkpoint.load_model(source, shardings)
-        return jax.tree.map(lambda x: x.astype(dtype), params)
-    if kind == "hf":
-        return hf_params(Path(source), run, shardings)
-    params: dict = {}
-    for path, array in easylm.iter_easylm_params(easylm.EasylmFile(source), run, "the run's model.* settings"):
-        set_path(params, path, place(np.asarray(array, dtype), get_path(shardings, path)))
-    return params
+        params = jax.tree.map(lambda x: x.astype(dtype), params)
+    elif kind == "hf":
+        params = hf_params(Path(source), run, dtype, shardings)
+    else:
+        params = {}
+        for path, array in easylm.iter_easylm_params(easylm.EasylmFile(source), run, "the run's model.* settings"):
+            set_path(params, path, place(np.asarray(array, dtype), get_path(shardings, path)))
+    return checkpoint.in_run_layout(params, target)
 
 
 def place(array: np.ndarray, sharding: Any) -> jax.Array:
@@ -94,7 +99,7 @@ def place(array: np.ndarray, sharding: Any) -> jax.Array:
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
-def hf_params(hf_dir: Path, run: LlamaConfig, shardings: Any) -> dict:
+def hf_params(hf_dir: Path, run: LlamaConfig, dtype: Any, shardings: Any) -> dict:
     """Parameters from safetensors, each device's slice read from the file alone (HF kernels are (out, in))."""
     index = hf_dir / hf.INDEX_FILE
     if index.is_file():
@@ -102,7 +107,6 @@ def hf_params(hf_dir: Path, run: LlamaConfig, shardings: Any) -> dict:
     else:
         with safe_open(str(hf_dir / hf.SINGLE_FILE), framework="numpy") as f:
             files = dict.fromkeys(f.keys(), hf.SINGLE_FILE)
-    dtype = DTYPES[run.param_dtype]
     params: dict = {}
     for path, name, transposed in hf.tensor_names(run):
         if name not in files:
