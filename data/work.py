@@ -54,13 +54,15 @@ class Ledger:
     def location(self, unit: str) -> str:
         return f"{self.folder}/{unit}.json"
 
+    def read(self, unit: str) -> dict | None:
+        """The unit's entry, whatever settings it was done with (None: it has none)."""
+        location = self.location(unit)
+        return files.read_json(location) if files.is_file(location) else None
+
     def entry(self, unit: str) -> dict | None:
         """The unit's entry when it is done with these settings, else None."""
-        location = self.location(unit)
-        if not files.is_file(location):
-            return None
-        entry = files.read_json(location)
-        return entry if entry.get("settings_sha") == self.sha else None
+        entry = self.read(unit)
+        return entry if entry is not None and entry.get("settings_sha") == self.sha else None
 
     def record(self, unit: str, report: dict) -> dict:
         """Mark `unit` done: its entry, written whole and after everything the unit published."""

@@ -36,13 +36,11 @@ LOCAL_TASK_FIELDS = {
 class TaskTextsConfig:
     """What `openllama eval texts` runs with."""
 
+    out: str  # the JSON file to write, local or URI: {task: [item text, ...]}
     # local tasks, the local pack (openllama_local), or lm-eval tasks whose datasets are cached
     tasks: list[str] = field(default_factory=lambda: [LOCAL_PACK], metadata={POSITIONAL: True, METAVAR: "TASK"})
-    out: str = ""  # the JSON file to write, local or URI (required)
 
     def __post_init__(self) -> None:
-        if not self.out:
-            raise BadInput("out: name the file to write (--out FILE)")
         files.check_location(self.out)
 
 

@@ -42,7 +42,7 @@ COMMANDS: dict[str, Command] = {
     "data convert": Command("openllama.data.pack:convert_command",
                             "rewrite a packed dataset of the older format in the current one",
                             "openllama.data.pack:ConvertConfig"),
-    "train": Command("openllama.train.launch:main", "pretrain LLaMA under Ray Train's JaxTrainer from a YAML config"),
+    "train": Command("openllama.training:main", "pretrain LLaMA under Ray Train's JaxTrainer from a YAML config"),
     "plan": Command("openllama.train.plan:main",
                     "compile a config's train step for its TPU slice: HBM, FLOPs, traffic"),
     "eval": Command("openllama.eval.run:eval_command", "evaluate a checkpoint with lm-evaluation-harness tasks",

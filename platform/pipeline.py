@@ -1,15 +1,17 @@
 """`openllama pipeline` (what `make demo` runs): every stage, as Ray jobs, on a local Ray head and MLflow.
 
-    dedup -> tokenizer -> data -> train -> eval -> export -> generate
+    texts -> dedup -> tokenizer -> data -> train -> eval -> export -> generate
 
-`dedup` (openllama data dedup) filters, decontaminates and deduplicates the corpus; the tokenizer and data
-stages read its output (OUT/dedup, a RedPajama corpus) instead of the raw corpus; the data run is tagged
-with what it kept (`dedup_kept`).
+`texts` (openllama eval texts) writes the item texts of the tasks the eval stage runs; `dedup` (openllama
+data dedup) filters the corpus, decontaminates it against those texts and deduplicates it; the tokenizer
+and data stages read its output (OUT/dedup, a RedPajama corpus) instead of the raw corpus; the data run is
+tagged with what it kept (`dedup_kept`). So data learns what eval runs from a file, and imports nothing of eval.
 
 Each stage is one `openllama ...` command submitted with `ray job submit`, so it runs exactly as a user
-would run it on a cluster. A stage is skipped when a ledger (OUT/ledger/STAGE.json) says it already
-finished with the same key: a content hash of its inputs, its command line and the code. A stage whose
-key changed starts from clean outputs; one that crashed with the same key is resumed by its own command.
+would run it on a cluster. A stage is skipped when its ledger entry (OUT/ledger/STAGE.json, the format of
+`openllama.data.work`) says it already finished with the same key: a content hash of its inputs, its command
+line and the code. A stage whose key changed starts from clean outputs; one that crashed with the same key is
+resumed by its own command.
 
 Lineage: after the stages ran, the pipeline ties their MLflow runs together with tags (see docs/platform.md):
 data run (tokenizer and manifest as artifacts, their hashes) <- train run (dataset/tokenizer hashes, git
@@ -24,7 +26,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import time
 import uuid
@@ -38,6 +39,7 @@ import mlflow
 from openllama import commands, files, ray_jobs, services
 from openllama.config import FLAG, METAVAR
 from openllama.data.shards import PackedDataset
+from openllama.data.work import Ledger, settings_sha
 from openllama.train.checkpoint import RunDir
 from openllama.train.config import load_config
 
@@ -47,6 +49,7 @@ PROMPT = r"Q: What is the largest animal?\nA:"  # `openllama generate` turns \n 
 CODE_DIRS = ("platform", "data", "train", "eval", "configs")
 CODE_SUFFIXES = {".py", ".yaml", ".yml"}
 RUN_NAME = "pipeline-tiny"
+EVAL_TASKS = "openllama_local"  # what the eval stage runs, and so what the corpus is decontaminated against
 
 
 @dataclass
@@ -60,23 +63,14 @@ class Stage:
     facts: dict[str, Any] = field(default_factory=dict)  # recorded in the ledger (run ids, hashes)
 
 
-def files_under(paths: Iterable[Path], suffixes: set[str] | None = None) -> list[Path]:
-    found = []
-    for path in paths:
-        candidates = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        found += [p for p in candidates if p.is_file() and (suffixes is None or p.suffix in suffixes)]
-    return found
-
-
 def content_hash(paths: Iterable[Path], suffixes: set[str] | None = None, root: Path | None = None) -> str:
-    """sha256 over the names (relative to `root`) and bytes of every file in `paths`."""
+    """sha256 over the names (relative to `root`) and bytes of every file in `paths` (files, or folders)."""
     digest = hashlib.sha256()
-    for path in files_under(paths, suffixes):
-        digest.update(str(path.relative_to(root) if root else path).encode() + b"\0")
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        digest.update(b"\0")
+    for path in paths:
+        for found in map(Path, files.files_under(path) if path.is_dir() else [path] if path.is_file() else []):
+            if suffixes is None or found.suffix in suffixes:
+                digest.update(str(found.relative_to(root) if root else found).encode() + b"\0")
+                digest.update(files.sha256_of(found).encode() + b"\0")
     return digest.hexdigest()
 
 
@@ -98,9 +92,9 @@ def git_commit() -> str:
 
 
 def stage_identity(stage: Stage, code: str) -> dict[str, Any]:
-    """What a stage's result depends on; its sha256 is the stage's key."""
+    """What a stage's result depends on; its hash is the stage's key (its ledger entry's settings hash)."""
     identity = {"command": stage.command, "inputs_sha256": content_hash(stage.inputs), "code": code}
-    return {**identity, "key": hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()}
+    return {**identity, "key": settings_sha(identity)}
 
 
 def rerun_reason(ledger: dict, identity: dict) -> str:
@@ -110,20 +104,6 @@ def rerun_reason(ledger: dict, identity: dict) -> str:
     if changed:
         return "changed: " + ", ".join(changed)
     return "resuming an unfinished run" if ledger.get("status") == "running" else "outputs missing"
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
 
 
 @dataclass
@@ -142,22 +122,25 @@ class Runner:
     def run(self, stage: Stage) -> dict:
         """The stage's ledger entry after making sure it is done (run now, or reused)."""
         identity = stage_identity(stage, self.code)
-        ledger_path = self.out / "ledger" / f"{stage.name}.json"
-        ledger = read_json(ledger_path) or {}
-        done = ledger.get("status") == "done" and all(p.exists() for p in stage.outputs)
-        if ledger.get("key") == identity["key"] and done:
+        ledger = Ledger(str(self.out / "ledger"), identity["key"])
+        previous = ledger.read(stage.name) or {}
+        done = ledger.entry(stage.name) is not None and previous.get("status") == "done"
+        if done and all(p.exists() for p in stage.outputs):
             self.say(f"  {stage.name:<9} reused (inputs, command and code unchanged)")
             self.reused.append(stage.name)
-            return ledger
-        reason = rerun_reason(ledger, identity)
-        if ledger.get("key") != identity["key"]:  # new inputs or settings: never resume or mix with old outputs
+            return previous
+        reason = rerun_reason(previous, identity)
+        if previous.get("settings_sha") != identity["key"]:  # new inputs or settings: never resume on old outputs
             for path in stage.outputs:
-                remove(path)
+                if path.is_dir():
+                    files.remove_tree(path)
+                else:
+                    files.remove_file(path)
         submission_id = f"openllama-{stage.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         started = time.time()
         entry = {"stage": stage.name, **identity, "status": "running", "submission_id": submission_id,
                  "started": started}
-        files.write_json(ledger_path, entry)
+        ledger.record(stage.name, entry)
         log_path = self.out / "logs" / f"{stage.name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         output = ray_jobs.submit(stage.command, api_url=self.api_url, env=self.client_env, working_dir=REPO,
@@ -167,7 +150,7 @@ class Runner:
             raise ray_jobs.JobFailed(f"stage {stage.name} succeeded but did not write {missing}; log {log_path}")
         entry.update(status="done", seconds=round(time.time() - started, 1), **stage.facts,
                      **facts_from_output(output))
-        files.write_json(ledger_path, entry)
+        entry = ledger.record(stage.name, entry)
         self.say(f"  {stage.name:<9} done in {entry['seconds']:>5.1f} s   ({reason})")
         self.ran.append(stage.name)
         return entry
@@ -194,7 +177,7 @@ def dataset_hash(dataset: Path) -> str:
 def build_stages(out: Path, corpus: Path, train_config: str, train_overrides: list[str],
                  eval_limit: int | None, sample_docs: int, max_new_tokens: int) -> list[Stage]:
     tokenizer_dir, dataset, eval_dir, hf_dir = out / "tokenizer", out / "dataset", out / "eval", out / "hf"
-    deduplicated = out / "dedup"
+    deduplicated, texts = out / "dedup", out / "eval_texts.json"
     overrides = [f"name={RUN_NAME}", f"output_dir={out / 'train'}", f"data.path={dataset}",
                  f"data.tokenizer={tokenizer_dir / 'tokenizer.model'}", "data.build_from=null",
                  "scaling.num_workers=2", "tracking.register_model=false", *train_overrides]  # export registers
@@ -204,7 +187,7 @@ def build_stages(out: Path, corpus: Path, train_config: str, train_overrides: li
         train_config = str(path.relative_to(REPO) if path.is_relative_to(REPO) else path)
     run_dir = config.run_dir
     generated = out / "generate" / "output.txt"
-    eval_command = ["openllama", "eval", str(run_dir), "--tasks", "openllama_local", "--output", str(eval_dir)]
+    eval_command = ["openllama", "eval", str(run_dir), "--tasks", EVAL_TASKS, "--output", str(eval_dir)]
     if eval_limit is not None:
         eval_command += ["--limit", str(eval_limit)]
     generate = ["openllama", "generate", str(run_dir), "--prompt", PROMPT, "--max-new-tokens", str(max_new_tokens),
@@ -212,8 +195,11 @@ def build_stages(out: Path, corpus: Path, train_config: str, train_overrides: li
     model = tokenizer_dir / "tokenizer.model"
     vocab_size = config.llama().vocab_size
     return [
-        Stage("dedup", ["openllama", "data", "dedup", str(corpus), "--out", str(deduplicated)],
-              inputs=[corpus], outputs=[deduplicated]),
+        Stage("texts", ["openllama", "eval", "texts", EVAL_TASKS, "--out", str(texts)],
+              inputs=[REPO / "eval" / "tasks"], outputs=[texts]),
+        Stage("dedup", ["openllama", "data", "dedup", str(corpus), "--out", str(deduplicated),
+                        "--decontaminate", str(texts)],
+              inputs=[corpus, texts], outputs=[deduplicated]),
         Stage("tokenizer", ["openllama", "tokenizer", "train", str(deduplicated), "--out", str(tokenizer_dir),
                             "--vocab-size", str(vocab_size), "--sample-docs", str(sample_docs)],
               inputs=[deduplicated], outputs=[tokenizer_dir]),

@@ -1,9 +1,11 @@
 """The shape of the code (../shared/ARCHITECTURE.md), checked over the import graph of the product's modules.
 
 Every arrow points down: the platform base imports no stage and not the roof; data imports neither train
-nor eval; train does not import eval; `train/model.py` is the architecture alone. Nothing imports a
-leading-underscore name from another module, imports sit at module top unless a comment says why, and
-no product module injects faults.
+nor eval; train does not import eval; of data, train and eval use only the modules that read what data made
+(the shards, the mixture, the tokenizer); `train/model.py` is the architecture alone. An import by name
+(`importlib.import_module("openllama.eval")`, `importlib.resources.files(...)`, a "module:function" entry)
+counts as an import. Nothing imports a leading-underscore name from another module, imports sit at module
+top unless a comment says why, and no product module injects faults.
 """
 
 from __future__ import annotations
@@ -19,8 +21,12 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = {"platform": "openllama", "data": "openllama.data", "train": "openllama.train", "eval": "openllama.eval"}
 BASE = {"openllama.config", "openllama.tracking", "openllama.ray_jobs", "openllama.files", "openllama.services",
         "openllama.processes", "openllama.commands"}
-ROOF = {"openllama.cli", "openllama.pipeline", "openllama.show"}
+ROOF = {"openllama.cli", "openllama.pipeline", "openllama.show", "openllama.training"}
 STAGES = ("openllama.data", "openllama.train", "openllama.eval")
+# what the stages after data may use of it: the readers of the packed shards, the mixture and the tokenizer
+DATA_READERS = ("openllama.data.shards", "openllama.data.mixture", "openllama.data.tokenizer")
+BY_NAME = {"import_module", "files", "find_spec", "__import__"}  # functions that import a module named by a string
+ENTRY = re.compile(r"^openllama(\.\w+)*:\w+$")  # a "module:function" string, imported when called
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,21 @@ def imports_of(path: Path) -> list[Import]:
             continue
         commented = says_why(lines, node.lineno - 1)
         found += [Import(module, target, names, node.lineno, id(node) in top, commented) for target, names in targets]
+    return found + imports_by_name(tree, module)
+
+
+def imports_by_name(tree: ast.AST, module: str) -> list[Import]:
+    """Modules of ours named by a string where a string imports them: an argument of `import_module` and the
+    like, or a "module:function" entry. They count as top-level imports (they need no comment)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            name = getattr(node.func, "attr", getattr(node.func, "id", ""))
+            value = node.args[0].value
+            if name in BY_NAME and isinstance(value, str) and value.split(".")[0] == "openllama":
+                found.append(Import(module, value, (), node.lineno, True, True))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and ENTRY.match(node.value):
+            found.append(Import(module, node.value.split(":")[0], (), node.lineno, True, True))
     return found
 
 
@@ -111,6 +132,25 @@ def test_the_platform_base_imports_no_stage_and_not_the_roof():
 def test_stages_import_only_downwards(stage, forbidden):
     up = [where(imp) for imp in ALL if imp.module.startswith(stage) and any(reaches(imp, p) for p in forbidden)]
     assert not up, up
+
+
+@pytest.mark.parametrize("stage", ["openllama.train", "openllama.eval"])
+def test_stages_after_data_use_only_the_modules_that_read_what_data_made(stage):
+    shortcuts = [where(imp) for imp in ALL if imp.module.startswith(stage) and reaches(imp, "openllama.data")
+                 and not any(reaches(imp, reader) for reader in DATA_READERS)]
+    assert not shortcuts, shortcuts
+
+
+def test_data_does_not_use_evals_library():
+    """What eval runs reaches data as texts in a file (`eval texts`, `data dedup --decontaminate FILE`)."""
+    uses = [where(imp) for imp in ALL if imp.module.startswith("openllama.data") and imp.target.startswith("lm_eval")]
+    assert not uses, uses
+
+
+def test_imports_by_name_are_found():
+    """The roof's verb table is a set of imports by name: were they not found, a shortcut could hide there."""
+    cli = {imp.target for imp in ALL if imp.module == "openllama.cli"}
+    assert {"openllama.data.clean", "openllama.eval.task_texts", "openllama.training"} <= cli
 
 
 def test_the_model_file_imports_no_ray_mlflow_orbax_or_platform_module():

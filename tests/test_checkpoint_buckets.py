@@ -140,7 +140,7 @@ def test_no_checkpoint_byte_passes_through_local_staging(resumed):
 
 
 def test_a_missing_bucket_is_one_line_before_any_work(s3_env, base, capsys):
-    from openllama.train.launch import main
+    from openllama.training import main
 
     assert main(["tiny-cpu", *base, "output_dir=s3://no-such-bucket-here/runs"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [

@@ -22,8 +22,8 @@ from openllama.services import free_port
 from openllama.train.checkpoint import RunDir, save_model
 from openllama.train.config import TrainConfig, load_config
 from openllama.train.convert.hf import export_hf
-from openllama.train.launch import register_final_model
 from openllama.train.model import LlamaConfig, init_params
+from openllama.training import register_final_model
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from openllama import files, pipeline
+from openllama import pipeline
+from openllama.data.work import Ledger
 
 
 def copy_stage(tmp_path: Path) -> pipeline.Stage:
@@ -73,8 +74,8 @@ def test_an_interrupted_stage_is_run_again_without_clearing_its_outputs(runner, 
     partial = tmp_path / "out" / "copy" / "partial.txt"
     partial.parent.mkdir(parents=True)
     partial.write_text("work done before the crash")
-    ledger = {"stage": "copy", **pipeline.stage_identity(stage, "code-v1"), "status": "running"}
-    files.write_json(tmp_path / "out" / "ledger" / "copy.json", ledger)
+    identity = pipeline.stage_identity(stage, "code-v1")
+    Ledger(str(tmp_path / "out" / "ledger"), identity["key"]).record("copy", {**identity, "status": "running"})
     entry = runner.run(stage)
     assert entry["status"] == "done" and runs(tmp_path) == 1
     assert partial.exists()

@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_train_run import on_cluster
 
 REPO = Path(__file__).resolve().parents[1]

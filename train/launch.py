@@ -1,10 +1,10 @@
-"""`openllama train CONFIG [key=value ...]`: pretraining under Ray Train's JaxTrainer.
+"""Pretraining under Ray Train's JaxTrainer (`fit`), what `openllama train CONFIG [key=value ...]` runs.
 
-The driver (this process) validates the config, builds the tiny dataset when asked, opens the MLflow run
-and starts N workers; each worker is one process of one `jax.distributed` system (`ray_backend.py`) and
-runs `trainer.Trainer` with its hooks: Ray Train's reports, the driver's stop requests and, on process 0,
-MLflow's metrics. Rerunning the same command resumes the run from its newest complete checkpoint (see
-`checkpoint.py`).
+The driver (this process) validates the config, opens the MLflow run and starts N workers; each worker is one
+process of one `jax.distributed` system (`ray_backend.py`) and runs `trainer.Trainer` with its hooks: Ray
+Train's reports, the driver's stop requests and, on process 0, MLflow's metrics. Rerunning the same command
+resumes the run from its newest complete checkpoint (see `checkpoint.py`). The command around it (a tiny
+dataset built on first use, the final model registered) is the roof's: `platform/training.py`.
 
 A SIGTERM or SIGINT to the driver (`ray job stop`, Ctrl-C) is passed to the workers, which save the step
 they reached and stop; the driver then exits saying where the rerun resumes. A worker sent SIGTERM itself (a
@@ -14,7 +14,6 @@ the rerun, resumes from that step.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -32,14 +31,10 @@ from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 from openllama import commands, files, ray_jobs, tracking
 from openllama.config import build, redact_tree, to_dict
-from openllama.data import pack, tokenizer
-from openllama.data.shards import DatasetNotFinished, PackedDataset
 from openllama.train.checkpoint import MODEL_JSON, STATE_JSON, TOKENIZER, RunDir, under
-from openllama.train.config import TrainConfig, load_config, validate
-from openllama.train.convert import registry
-from openllama.train.convert.hf import write_hf
-from openllama.train.goodput import PHASES, combine, describe, with_redone
-from openllama.train.trainer import Hook, Preempted, Trainer, check_start, open_datasets, tokenizer_path
+from openllama.train.config import TrainConfig, validate
+from openllama.train.goodput import PHASES, combine, with_redone
+from openllama.train.trainer import Hook, Preempted, Trainer
 
 log = logging.getLogger("openllama.train")
 
@@ -160,26 +155,6 @@ def train_loop(loop_config: dict) -> None:
         log.info("stopped as the driver asked; the step is saved")
 
 
-def ensure_dataset(config: TrainConfig) -> None:
-    """Build the packed dataset named by data.path from data.build_from when it is missing (tiny runs).
-
-    Both steps reuse finished work, so an interrupted build is completed by running the command again.
-    """
-    try:
-        PackedDataset.open(config.data.path)
-        return
-    except (FileNotFoundError, DatasetNotFinished):
-        if not config.data.build_from:
-            raise
-    out = config.data.path.rstrip("/")
-    log.info("building %s from %s (data.build_from)", out, config.data.build_from)
-    model = config.data.tokenizer
-    if model is None or not files.is_file(model):
-        model = tokenizer.train_tokenizer([config.data.build_from], f"{out}-tokenizer",
-                                          vocab_size=config.llama().vocab_size)
-    pack.tokenize_dataset([config.data.build_from], model, out, seq_len=config.train.seq_len)
-
-
 def open_tracking_run(config: TrainConfig) -> str | None:
     """The MLflow run of this training run: reused from the run dir on resume, else created (None if down)."""
     if not config.tracking.enabled:
@@ -204,8 +179,7 @@ def open_tracking_run(config: TrainConfig) -> str | None:
 
 
 def finish_tracking_run(config: TrainConfig, run_id: str | None, succeeded: bool, status: str | None = None) -> None:
-    """The run's config, its final checkpoint's location, model config and tokenizer, and its status; then,
-    after a success with a tracking server set (tracking.register_model), the final model in the registry."""
+    """The run's config, its final checkpoint's location, model config and tokenizer, and its status."""
     if run_id is None:
         return
     latest = RunDir(config.run_dir).latest()
@@ -226,30 +200,6 @@ def finish_tracking_run(config: TrainConfig, run_id: str | None, succeeded: bool
         client.set_terminated(run_id, status or ("FINISHED" if succeeded else "FAILED"))
     except Exception as error:
         log.warning("MLflow: could not record the end of run %s (%s)", run_id, error)
-        return  # a server that is down: not waited for a second time by a registration
-    if succeeded and latest and config.tracking.register_model and os.environ.get(registry.TRACKING_URI):
-        register_final_model(config, run_id, latest[1])
-
-
-def register_final_model(config: TrainConfig, run_id: str, checkpoint: Path | str) -> registry.ModelVersion | None:
-    """`checkpoint` as the next version of model `config.name` in MLflow's registry, linked to run `run_id`.
-
-    Exported to a temporary folder in the run directory (in staging for a bucket run) and registered from
-    there. A failure is one logged line, never an error: the checkpoint is the training's result, and
-    `export-hf --register` registers it later.
-    """
-    scratch = config.staging_dir if files.is_uri(config.run_dir) else config.run_dir
-    try:
-        Path(scratch).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".register-", dir=scratch) as folder:
-            write_hf(checkpoint, Path(folder))
-            version = registry.register_export(folder, config.name, run_id, checkpoint)
-    except Exception as error:
-        log.error("the final model of %s is not registered (%s); register it with `openllama export-hf %s OUT "
-                  "--register`", config.name, registry.one_line(error), config.run_dir)
-        return None
-    log.info("registered %s (MLflow run %s)", version.uri, run_id)
-    return version
 
 
 def absolute_paths(config: TrainConfig) -> TrainConfig:
@@ -398,46 +348,3 @@ def gcs_answers(address: str, timeout: float = 5.0) -> bool:
             return True
     except OSError:
         return False
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="openllama train",
-        description="Pretrain LLaMA under Ray Train's JaxTrainer. Rerunning the same command resumes the run.",
-        epilog=commands.EXIT_CODES,
-    )
-    parser.add_argument("config", help="a YAML file or a preset name: tiny-cpu, openllama-3b, openllama-7b, ...")
-    parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. train.steps=100 scaling.num_workers=2")
-    parser.add_argument("--address", help="Ray cluster (GCS) address, e.g. 127.0.0.1:6379 (default: RAY_ADDRESS, "
-                                          "else an in-process Ray)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    args = parser.parse_args(argv)
-    commands.quiet_libraries()
-
-    def work() -> int:
-        config = load_config(args.config, args.overrides)
-        if config.tracking.uri:
-            os.environ["MLFLOW_TRACKING_URI"] = config.tracking.uri
-        if args.print_config:
-            print(json.dumps(to_dict(config), indent=2))
-            return 0
-        if files.is_uri(config.output_dir):  # a bucket that is missing or unreachable: one line, before any work
-            files.check_bucket(config.output_dir)
-        ray_jobs.connect(args.address)
-        ensure_dataset(config)
-        if config.train.init_from:  # a source that cannot start this run fails here, before any worker
-            train_data, _ = open_datasets(config)
-            check_start(config, tokenizer_path(config, train_data.manifest))
-        try:
-            result = fit(config, args.address)
-        except Stopped:
-            raise
-        except Exception as error:
-            raise commands.WorkFailed(f"{config.name} failed: {error}") from error
-        print(f"trained {config.name}: {result.metrics} checkpoints in {RunDir(config.run_dir).checkpoints}")
-        figures = run_goodput(RunDir(config.run_dir).tracking_run_id() if config.tracking.enabled else None)
-        if figures:
-            print(f"{config.name}: {describe(figures)}")
-        return 0
-
-    return commands.run("openllama train", work)

@@ -27,8 +27,7 @@ from openllama import files
 from openllama.commands import BadInput
 from openllama.config import BARE, METAVAR, POSITIONAL, ConfigError
 from openllama.data.tokenizer import load_for_model, write_tokenizer
-from openllama.train import checkpoint
-from openllama.train.convert import registry
+from openllama.train import checkpoint, registry
 from openllama.train.convert.tree import (
     ConversionError,
     check_params,
