@@ -30,7 +30,7 @@ from pathlib import Path
 
 import psutil
 
-from openllama.data import dedup, minhash
+from openllama.data import clean, minhash
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample" / "redpajama"
@@ -142,7 +142,7 @@ def run_ours(corpus: Path, out: Path, workers: int) -> tuple[set[str], float, in
     started = time.perf_counter()
     with PeakMemory() as memory:
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-        dedup.run_dedup(dedup.DedupConfig(inputs=[str(corpus)], out=str(out), decontaminate=[], track=False))
+        clean.run_dedup(clean.DedupConfig(inputs=[str(corpus)], out=str(out), track=False))
         ray.shutdown()
     seconds = time.perf_counter() - started
     import pyarrow.parquet as pq  # only after the timing: reading the result is not part of the run

@@ -1,1 +1,2 @@
-"""RedPajama on Ray Data: reading and validation, the tokenizer, tokenizing and packing into training shards."""
+"""RedPajama on Ray: reading and validation, dedup (quality filters, decontamination, exact and near-duplicates),
+the tokenizer, and tokenizing and packing into training shards; every step a set of ledgered Ray tasks."""

@@ -115,6 +115,15 @@ def train_workers(ray_head) -> list[psutil.Process]:
     return found
 
 
+def on_cluster(ray_head, *command: str, tracking_uri: str | None = None) -> None:
+    """Run a command as a client of the session's Ray head (this process keeps its own Ray state)."""
+    env = {**os.environ, **ray_head.env, "HF_HUB_OFFLINE": "1"}
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+
+
 def short_run(dataset: Path, seq_len: int, steps: int, compilation_cache: Path) -> list[str]:
     """Overrides of the short tiny-cpu run the training tests compare: 8 sequences a step, a checkpoint and a
     held-out evaluation every 5 steps, one JAX compilation cache for all of them."""

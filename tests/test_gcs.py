@@ -19,9 +19,9 @@ from openllama import commands, files
 from openllama.config import ConfigError
 from openllama.data import pack
 from openllama.data.shards import PackedDataset, write_dataset
+from openllama.train import init_from
 from openllama.train.checkpoint import RunDir, load_model
 from openllama.train.config import load_config
-from openllama.train.convert import sources
 from openllama.train.trainer import Hook, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,12 +100,13 @@ def test_a_run_in_a_gcs_bucket_resumes_from_its_newest_checkpoint(gcs_server, gc
     assert weights <= gcs_server.relay.response_bytes <= 1.1 * weights  # the weights, not the optimizer state
     _, expected, _ = load_model(RunDir(tmp_path / "local" / "tiny-cpu").latest()[1])
     # and as a new run starting from it reads it (train.init_from=gs://...)
-    llama = load_config("tiny-cpu", base).llama()
+    run_config = load_config("tiny-cpu", base)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    assert sources.kind_of(f"{gcs_bucket}/runs/tiny-cpu") == "ours"
-    start = sources.load_params(f"{gcs_bucket}/runs/tiny-cpu", llama, jax.tree.map(lambda _: device, expected))
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), expected)
+    assert init_from.kind_of(f"{gcs_bucket}/runs/tiny-cpu") == "ours"
+    start = init_from.load_params(f"{gcs_bucket}/runs/tiny-cpu", run_config.llama(), run_config.runtime(), target)
     for x, y, z in zip(jax.tree.leaves(params), jax.tree.leaves(start), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(z), atol=1e-5)
         np.testing.assert_allclose(np.asarray(y), np.asarray(z), atol=1e-5)
     with pytest.raises(ConfigError, match="copy a Hugging Face directory"):
-        sources.kind_of(f"{gcs_bucket}/hf-model")
+        init_from.kind_of(f"{gcs_bucket}/hf-model")

@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train_run import on_cluster
+
+import harness
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample" / "redpajama"
@@ -67,7 +68,7 @@ def outputs(work: Path) -> dict[str, dict[str, str]]:
 
 
 def openllama(ray_head, *args, tracking_uri: str | None = None) -> None:
-    on_cluster(ray_head, sys.executable, "-m", "openllama.cli", *map(str, args), tracking_uri=tracking_uri)
+    harness.on_cluster(ray_head, sys.executable, "-m", "openllama.cli", *map(str, args), tracking_uri=tracking_uri)
 
 
 @pytest.fixture(scope="module")

@@ -59,6 +59,20 @@ def test_sequence_longer_than_model_positions_is_refused():
 def test_bad_model_field_is_reported_as_config_error():
     with pytest.raises(ConfigError, match=r"model.dtype='float64'"):
         load_config("tiny-cpu", ["model.dtype=float64"])
+    with pytest.raises(ConfigError, match=r"model.kernels='fast'; allowed"):
+        load_config("tiny-cpu", ["model.kernels=fast"])
+
+
+def test_run_time_settings_are_the_runtime_and_not_the_architecture():
+    config = load_config("tiny-cpu", ["model.kernels=reference", "model.scan_layers=true", "model.dtype=bfloat16"])
+    runtime = config.runtime()
+    assert (runtime.kernels, runtime.scan_layers, runtime.dtype) == ("reference", True, "bfloat16")
+    assert config.llama() == load_config("tiny-cpu").llama()
+
+
+def test_a_run_time_setting_in_the_architecture_overrides_is_refused_naming_its_place():
+    with pytest.raises(ConfigError, match=r"model.overrides.kernels: .* set model.kernels instead"):
+        load_config("tiny-cpu", ["model.overrides={kernels: reference}"])
 
 
 def test_nonfinite_policy_allows_only_stop_or_skip():

@@ -16,11 +16,11 @@ import torch
 import transformers
 
 from openllama.config import ConfigError
-from openllama.train.checkpoint import RunDir, load_model
+from openllama.train.checkpoint import MODEL_JSON, RunDir, load_model, read_config
 from openllama.train.config import load_config
 from openllama.train.convert.easylm import export_easylm
 from openllama.train.convert.hf import import_hf
-from openllama.train.model import Llama
+from openllama.train.model import Llama, LlamaConfig, unstack_layers
 from openllama.train.trainer import Hook, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,3 +106,48 @@ def test_a_source_that_is_no_model_is_refused(dataset, tmp_path):
                                       f"train.init_from={tmp_path}", *FROZEN])
     with pytest.raises(ConfigError, match="neither one of our checkpoints"):
         Trainer(config)
+
+
+def test_a_run_that_scans_its_blocks_starts_from_weights_and_saves_them_per_layer(dataset, hf_model, tmp_path):
+    hf_dir, model = hf_model
+    config, params, _ = load_model(train(dataset, tmp_path, str(hf_dir), "model.scan_layers=true"))
+    assert "layers_1" in params and "layers" not in params  # a checkpoint's tree, whatever the run's layout
+    ids = np.random.default_rng(0).integers(3, 512, (2, 16))
+    ours = np.asarray(Llama(config).apply({"params": params}, jax.numpy.asarray(ids))[0])
+    with torch.no_grad():
+        theirs = model(torch.as_tensor(ids)).logits.numpy()
+    assert np.abs(ours - theirs).max() <= 1e-4
+
+
+def test_a_step_a_scanning_run_saved_restores_into_either_layout_exactly(dataset, hf_model, tmp_path):
+    learning = ["optimizer.peak_lr=1e-2", "optimizer.end_lr=1e-3"]
+    saved = train(dataset, tmp_path, str(hf_model[0]), "model.scan_layers=true", *learning)
+    _, expected, _ = load_model(saved)
+
+    def restored(scan: bool) -> tuple[dict, dict]:
+        """(params, Adam's first moment) that a run of this layout resumes with, one tree per layer."""
+        config = load_config("tiny-cpu", [f"data.path={dataset}", f"output_dir={tmp_path}", *FROZEN, *learning,
+                                          f"model.scan_layers={str(scan).lower()}"])
+        state = Trainer(config).start()
+        assert int(state["step"]) == 2
+        params, mu = state["params"], state["opt_state"][1][0].mu
+        return (unstack_layers(params), unstack_layers(mu)) if scan else (params, mu)
+
+    (unrolled, unrolled_mu), (scanned, scanned_mu) = restored(scan=False), restored(scan=True)
+    for a, b, c in zip(jax.tree.leaves(unrolled), jax.tree.leaves(scanned), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(c))
+    for a, b in zip(jax.tree.leaves(unrolled_mu), jax.tree.leaves(scanned_mu), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_model_json_of_before_the_runtime_split_loads_and_another_unknown_key_is_named(hf_model, tmp_path):
+    checkpoint = import_hf(hf_model[0], tmp_path / "ckpt")
+    fields = json.loads((checkpoint / MODEL_JSON).read_text())
+    earlier = {**fields, "param_dtype": "float32", "dtype": "bfloat16", "remat_policy": "kv", "kernels": "auto",
+               "scan_layers": True}
+    (checkpoint / MODEL_JSON).write_text(json.dumps(earlier))
+    assert read_config(checkpoint) == LlamaConfig(**fields)
+    (checkpoint / MODEL_JSON).write_text(json.dumps({**earlier, "rope_scaling": 2.0}))
+    with pytest.raises(ValueError, match=r"unknown model config fields \['rope_scaling'\]"):
+        read_config(checkpoint)

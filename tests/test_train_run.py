@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,15 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample" / "redpajama"
 SEQ_LEN = 32
 STEPS = 10
-
-
-def on_cluster(ray_head, *command: str, tracking_uri: str | None = None) -> None:
-    """Run a command as a client of the session's Ray head (this process keeps its own Ray state)."""
-    env = {**os.environ, **ray_head.env, "HF_HUB_OFFLINE": "1"}
-    if tracking_uri:
-        env["MLFLOW_TRACKING_URI"] = tracking_uri
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +48,7 @@ def dataset(ray_head, sp_model, tmp_path_factory) -> Path:
     build = ("from openllama.data.pack import tokenize_dataset; "
              f"tokenize_dataset([{str(inputs)!r}], {str(sp_model)!r}, {str(out)!r}, seq_len={SEQ_LEN}, "
              "val_fraction=0.2, track=False)")
-    on_cluster(ray_head, sys.executable, "-c", build)
+    harness.on_cluster(ray_head, sys.executable, "-c", build)
     return out
 
 
@@ -96,7 +86,7 @@ class Finished:
 
 def train(ray_head, overrides: list[str], tracking_uri: str) -> Finished:
     """`openllama train tiny-cpu OVERRIDES` as a client of the Ray head, as a user runs it."""
-    on_cluster(ray_head, sys.executable, "-m", "openllama.cli", "train", "tiny-cpu", *overrides,
+    harness.on_cluster(ray_head, sys.executable, "-m", "openllama.cli", "train", "tiny-cpu", *overrides,
                tracking_uri=tracking_uri)
     config = load_config("tiny-cpu", overrides)
     return Finished(config, RunDir(config.run_dir).tracking_run_id(), tracking_uri)

@@ -7,7 +7,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from openllama.train.model import LlamaConfig, init_params
+from openllama.train.model import LlamaConfig, ModelRuntime, init_params
 from openllama.train.sharding import make_mesh, param_specs, spec_for, state_shardings
 
 
@@ -20,6 +20,16 @@ def test_rules_follow_the_easylm_layout():
     assert spec_for("layers_3/post_attention_layernorm/weight") == P()
     assert spec_for("norm/weight") == P()
     assert spec_for("lm_head/kernel") == P("fsdp", "tp")
+
+
+def test_stacked_blocks_keep_their_layer_axis_whole_and_their_own_layout_behind_it():
+    assert spec_for("layers/self_attn/k_proj/kernel") == P(None, "fsdp", "tp")
+    assert spec_for("layers/mlp/down_proj/kernel") == P(None, "tp", "fsdp")
+    assert spec_for("layers/input_layernorm/weight") == P(None)
+    params = jax.eval_shape(lambda: init_params(LlamaConfig.preset("tiny"), 0, ModelRuntime(scan_layers=True)))
+    opt_state = jax.eval_shape(optax.adamw(1e-3).init, params)
+    mu = state_shardings(opt_state, params, make_mesh((1, 1, 1)))[0].mu
+    assert mu["layers"]["self_attn"]["q_proj"]["kernel"].spec == P(None, "fsdp", "tp")
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -55,7 +65,7 @@ def test_every_parameter_of_a_preset_lays_out_on_its_slice(preset):
     config = load_config(preset)
     chips = slice_of(config.scaling.accelerator_type, config.scaling.topology).chips
     dp, fsdp, tp = mesh_shape(config, chips)
-    shapes = jax.eval_shape(lambda: init_params(config.llama()))
+    shapes = jax.eval_shape(lambda: init_params(config.llama(), 0, config.runtime()))  # stacked: the presets scan
     check_divisible(shapes, {"dp": dp, "fsdp": fsdp, "tp": tp})
 
 

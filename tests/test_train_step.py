@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from openllama.train.model import LlamaConfig, init_params
+from openllama.train.model import DEFAULT_RUNTIME, LlamaConfig, init_params
 from openllama.train.step import decay_mask, learning_rate, make_optimizer, make_train_step
 
 CONFIG = LlamaConfig.preset("tiny", num_hidden_layers=1)
@@ -19,7 +19,7 @@ def setup(micro_batches: int, skip_nonfinite: bool = False):
     optimizer = make_optimizer(SCHEDULE, b1=0.9, b2=0.95, eps=1e-6, weight_decay=0.1, clip_norm=1.0)
     params = init_params(CONFIG, 0)
     state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0)}
-    step = jax.jit(make_train_step(CONFIG, optimizer, SCHEDULE, micro_batches, skip_nonfinite))
+    step = jax.jit(make_train_step(CONFIG, DEFAULT_RUNTIME, optimizer, SCHEDULE, micro_batches, skip_nonfinite))
     return state, step
 
 

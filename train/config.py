@@ -38,7 +38,7 @@ class ModelSection:
 @dataclass
 class DataSection:
     path: str = "runs/data/tiny-cpu"  # packed dataset root (the output of `openllama data tokenize`)
-    tokenizer: str | None = None  # default: <path>/tokenizer.model
+    tokenizer: str | None = None  # default: the one the dataset's manifest names (the one that made its tokens)
     build_from: str | None = None  # jsonl corpus to tokenize into `path` when it is missing (tiny runs)
     weights: dict[str, float] | None = None  # subset -> sampling weight; None = LLaMA's mixture
 
