@@ -120,7 +120,8 @@ def on_cluster(ray_head, *command: str, tracking_uri: str | None = None) -> None
     env = {**os.environ, **ray_head.env, "HF_HUB_OFFLINE": "1"}
     if tracking_uri:
         env["MLFLOW_TRACKING_URI"] = tracking_uri
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=repo)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
 
 
