@@ -15,7 +15,6 @@ import math
 import os
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -271,22 +270,14 @@ def log_to_mlflow(rows: list[Row], results_path: Path, table_path: Path, tags: d
                   params: dict[str, Any]) -> str:
     """One run in experiment `eval`: every metric as `task/metric`, the results and table as artifacts."""
     # MLflow loads only when a run is logged (--no-mlflow skips it); importing it costs seconds
-    from mlflow.entities import Metric
-
     from openllama import tracking
 
-    with tracking.run(EXPERIMENT, run_name=tags.get("checkpoint_name"), tags=tags, params=params) as run_id:
-        client = tracking.client()
-        now = int(time.time() * 1000)
-        metrics = [Metric(f"{r.task}/{r.metric}", r.value, now, 0) for r in rows if math.isfinite(r.value)]
-        averaged = [r.value for r in rows if r.averaged]
-        if averaged:
-            metrics.append(Metric("average", sum(averaged) / len(averaged), now, 0))
-        for start in range(0, len(metrics), 1000):
-            client.log_batch(run_id, metrics=metrics[start : start + 1000])
-        client.log_artifact(run_id, str(results_path))
-        client.log_artifact(run_id, str(table_path))
-    return run_id
+    metrics = {f"{r.task}/{r.metric}": r.value for r in rows if math.isfinite(r.value)}
+    averaged = [r.value for r in rows if r.averaged]
+    if averaged:
+        metrics["average"] = sum(averaged) / len(averaged)
+    return tracking.log_summary(EXPERIMENT, tags.get("checkpoint_name"), params, metrics, tags,
+                                (results_path, table_path))
 
 
 def open_validation(data_dir: str, max_length: int) -> PackedDataset:

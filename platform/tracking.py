@@ -98,14 +98,17 @@ def run(
     client().set_terminated(run_id, "FINISHED")
 
 
-def log_summary(experiment: str, run_name: str, params: dict[str, Any], metrics: dict[str, float]) -> str:
-    """A finished run holding a stage's params and final counts (at step 0), for stages that have no steps
-    (data tokenize, data dedup); returns its id."""
+def log_summary(experiment: str, run_name: str | None, params: dict[str, Any], metrics: dict[str, float],
+                tags: dict[str, str] | None = None, artifacts: tuple[Path, ...] = ()) -> str:
+    """A finished run holding a stage's params, final figures (at step 0) and files, for stages that have no
+    steps (data tokenize, data dedup, eval); returns its id."""
     now = int(time.time() * 1000)
     values = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
-    with run(experiment, run_name=run_name, params=params) as run_id:
+    with run(experiment, run_name=run_name, tags=tags, params=params) as run_id:
         for start in range(0, len(values), 1000):  # MLflow's batch limit
             client().log_batch(run_id, metrics=values[start:start + 1000])
+        for artifact in artifacts:
+            client().log_artifact(run_id, str(artifact))
     return run_id
 
 

@@ -17,7 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample" / "redpajama"
-STAGES = ["dedup", "tokenizer", "data", "train", "eval", "export", "generate"]
+STAGES = ["texts", "dedup", "tokenizer", "data", "train", "eval", "export", "generate"]
 DOCS_PER_SUBSET = 12
 
 

@@ -373,7 +373,8 @@ def per_layer_target(target: Any) -> Any:
     def one_layer(leaf: jax.ShapeDtypeStruct, _: int) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype, sharding=sharding.one_layer(leaf.sharding))
 
-    return jax.tree.map(lambda node: unstack_layers(node, one_layer), target, is_leaf=is_stacked)
+    return jax.tree.map(lambda node: unstack_layers(node, one_layer) if is_stacked(node) else node, target,
+                        is_leaf=is_stacked)
 
 
 def in_run_layout(loaded: Any, target: Any) -> Any:
