@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,18 @@ def check_task_names(names: list[str], manager: Any) -> None:
             f"unknown task {', '.join(problems)}; list tasks with `lm_eval ls tasks`, "
             f"or add a folder of task YAMLs with --include-path"
         )
+
+
+def check_tasks(names: list[str]) -> None:
+    """The checks `openllama eval` makes of its tasks, for a caller that scores checkpoints later (training
+    with `eval.tasks`): lm-eval is installed, every task is known and has documents."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # as `evaluate` sets them, before lm-eval is imported
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    require_lm_eval()
+    expanded = expand_tasks(names)
+    manager = task_manager(expanded, [])
+    check_task_names(expanded, manager)
+    check_tasks_have_documents(expanded, manager)
 
 
 def check_tasks_have_documents(names: list[str], manager: Any) -> None:
@@ -365,6 +378,46 @@ def evaluate(settings: EvalConfig) -> tuple[Path, dict, list[Row], str]:
 
             ray.shutdown()
     return ckpt, results, rows, render_table(rows, ckpt.name, settings.compare, settings.compare_table or "v1")
+
+
+SCORED_TAG = "openllama.scored.step_{step:08d}"  # on the training run: that step's checkpoint was scored
+
+
+def score_checkpoint(checkpoint_of_ray: Any, step: int, location: str, tasks: list[str], limit: int | None,
+                     run_id: str | None, tracking_uri: str | None) -> dict[str, float]:
+    """The lm-eval scores of a checkpoint saved during training, logged to the training run at its step as
+    `eval/TASK/METRIC` (and `eval/average`, and `eval/seconds` it took), so MLflow plots them beside the loss.
+
+    Ray Train runs this in a task of its own while training goes on (`train.launch.fit`'s validation, which
+    hands Ray's checkpoint object as the first argument; `location` is our name for the same folder, local or in
+    a bucket). A step the run already has scores of (a resumed run, a requeued validation) is not scored again.
+    """
+    # MLflow is imported only in the evaluation task, which logs (importing it costs seconds)
+    from mlflow.entities import Metric
+
+    from openllama import tracking
+
+    commands.quiet_libraries()
+    if tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    tag = SCORED_TAG.format(step=step)
+    if run_id:
+        scored = tracking.client().get_run(run_id).data.tags.get(tag)
+        if scored is not None:
+            return json.loads(scored)
+    started = time.perf_counter()
+    _, _, rows, _ = evaluate(EvalConfig(checkpoint=location, tasks=tasks, limit=limit, mlflow=False))
+    scores = {f"eval/{r.task}/{r.metric}": r.value for r in rows if math.isfinite(r.value)}
+    averaged = [r.value for r in rows if r.averaged]
+    if averaged:
+        scores["eval/average"] = sum(averaged) / len(averaged)
+    scores["eval/seconds"] = time.perf_counter() - started  # how long the scoring took, beside the training
+    if run_id:
+        now = int(time.time() * 1000)
+        client = tracking.client()
+        client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in scores.items()])
+        client.set_tag(run_id, tag, json.dumps(scores))
+    return scores
 
 
 def ray_is_running() -> bool:

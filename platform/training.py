@@ -1,10 +1,11 @@
 """`openllama train CONFIG [key=value ...]`: the training stage, with what it asks of the stages beside it.
 
-Training is `train/launch.py`'s `fit`. Two things around it belong to other stages, so they are done here, at
-the roof: on first use, a config with `data.build_from` (tiny-cpu) gets its dataset built (a tokenizer trained
-on the corpus, the corpus tokenized: the data stage's commands, as functions); after a run that finished, with
-`tracking.register_model`, the final checkpoint is exported and registered in MLflow's model registry, as
-`openllama export-hf RUN OUT --register NAME` does.
+Training is `train/launch.py`'s `fit`. What around it belongs to other stages is done here, at the roof: on
+first use, a config with `data.build_from` (tiny-cpu) gets its dataset built (a tokenizer trained on the corpus,
+the corpus tokenized: the data stage's commands, as functions); with `eval.tasks`, eval's `score_checkpoint`
+scores checkpoints while training goes on (handed to `fit`, which runs it in Ray tasks); after a run that
+finished, with `tracking.register_model`, the final checkpoint is exported and registered in MLflow's model
+registry, as `openllama export-hf RUN OUT --register NAME` does.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from openllama import commands, files, ray_jobs
 from openllama.config import to_dict
 from openllama.data import pack, tokenizer
 from openllama.data.shards import DatasetNotFinished, PackedDataset
+from openllama.eval.run import check_tasks, score_checkpoint
 from openllama.train import registry
 from openllama.train.checkpoint import RunDir
 from openllama.train.config import TrainConfig, load_config
@@ -93,6 +95,11 @@ def main(argv: list[str]) -> int:
         if args.print_config:
             print(json.dumps(to_dict(config), indent=2))
             return 0
+        if config.eval.tasks:  # a task that cannot be scored fails here, not in the first evaluation
+            try:
+                check_tasks(config.eval.tasks)
+            except commands.BadInput as error:
+                raise commands.BadInput(f"eval.tasks: {error}") from None
         if files.is_uri(config.output_dir):  # a bucket that is missing or unreachable: one line, before any work
             files.check_bucket(config.output_dir)
         ray_jobs.connect(args.address)
@@ -101,7 +108,7 @@ def main(argv: list[str]) -> int:
             train_data, _ = open_datasets(config)
             check_start(config, tokenizer_path(config, train_data.manifest))
         try:
-            result = fit(config, args.address)
+            result = fit(config, args.address, score_checkpoint)
         except Stopped:
             raise
         except Exception as error:

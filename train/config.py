@@ -114,6 +114,13 @@ class CheckpointSection:
 class EvalSection:
     every_steps: int = 100  # held-out perplexity per subset; 0 disables it
     batches: int = 2  # validation batches of eval.batch_size per subset
+    # lm-eval tasks scored on the checkpoints saved at eval.tasks_every_steps, each in a Ray task of its own
+    # while training goes on (`openllama_local`: the offline local pack); empty: none
+    tasks: list[str] = field(default_factory=list)
+    tasks_every_steps: int = 0  # a multiple of checkpoint.every_steps (0: every milestone checkpoint)
+    tasks_limit: int | None = None  # documents per task (None: all)
+    tasks_cpus: float = 1.0  # CPUs each evaluation task holds, besides the training workers'
+    tasks_timeout_s: float = 3600.0  # an evaluation running longer is cancelled (logged; training goes on)
 
 
 @dataclass
@@ -192,6 +199,11 @@ class TrainConfig:
         except ValueError as error:
             raise ConfigError(str(error)) from error
 
+    def tasks_due(self, step: int) -> bool:
+        """Whether the milestone checkpoint of `step` is scored on eval.tasks (the last step's always is)."""
+        every = self.eval.tasks_every_steps or self.checkpoint.every_steps
+        return bool(self.eval.tasks) and (step % every == 0 or step == self.train.steps)
+
     def decay_steps(self) -> int:
         return self.optimizer.decay_steps or self.train.steps
 
@@ -249,6 +261,12 @@ def validate(config: TrainConfig, device_count: int | None = None) -> None:
         raise ConfigError(f"checkpoint.every_minutes={config.checkpoint.every_minutes} must be >= 0 (0 = off)")
     if config.eval.every_steps < 0 or config.eval.batches < 1:
         raise ConfigError("eval.every_steps must be >= 0 and eval.batches >= 1")
+    e = config.eval
+    if e.tasks and (e.tasks_every_steps < 0 or e.tasks_every_steps % config.checkpoint.every_steps):
+        raise ConfigError(f"eval.tasks_every_steps={e.tasks_every_steps} must be a multiple of "
+                          f"checkpoint.every_steps={config.checkpoint.every_steps}: tasks score saved checkpoints")
+    if e.tasks and (e.tasks_cpus <= 0 or e.tasks_timeout_s <= 0 or (e.tasks_limit is not None and e.tasks_limit < 1)):
+        raise ConfigError("eval.tasks_cpus and eval.tasks_timeout_s must be positive, eval.tasks_limit at least 1")
     if device_count is None and (config.scaling.use_tpu or config.scaling.use_gpu):
         return  # accelerators per worker are known only on the workers, which call this again
     dp, fsdp, tp = mesh_shape(config, device_count or config.scaling.num_workers)

@@ -1,4 +1,4 @@
-"""What makes LLaMA's two hot operations fast on one backend, chosen by `LlamaConfig.kernels`.
+"""What makes LLaMA's two hot operations fast on one backend, chosen by `ModelRuntime.kernels`.
 
 `model.py` calls `matmul` (every projection) and `attention` (softmax attention with GQA) from here.
 

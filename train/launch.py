@@ -24,6 +24,7 @@ import socket
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -37,6 +38,9 @@ from openllama.train.goodput import PHASES, combine, with_redone
 from openllama.train.trainer import Hook, Preempted, Trainer
 
 log = logging.getLogger("openllama.train")
+# scores one saved checkpoint on lm-eval tasks, in a Ray task: (Ray's checkpoint, step=, location=, tasks=, limit=,
+# run_id=, tracking_uri=) -> {metric: value}; eval's `score_checkpoint`, which the roof hands to `fit`
+ScoreTasks = Callable[..., dict[str, float]]
 
 
 class TrackingHook(Hook):
@@ -84,10 +88,14 @@ class TrackingHook(Hook):
 
 
 class RayReportHook(Hook):
-    """Each checkpoint reported to Ray Train (every worker reports; process 0 names the folder of a milestone)."""
+    """Each checkpoint reported to Ray Train (every worker reports; process 0 names the folder of a milestone),
+    a milestone of `eval.tasks_every_steps` with the request to score it (Ray Train's asynchronous validation:
+    a Ray task of its own, which the loop does not wait for)."""
 
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, config: TrainConfig, scores_tasks: bool):
         self.rank = rank
+        self.config = config
+        self.scores_tasks = scores_tasks
 
     def on_checkpoint(self, step: int, path: Path | str, metrics: dict[str, float]) -> None:
         # only ever called inside a Ray Train worker, where Ray is already set up
@@ -103,8 +111,12 @@ class RayReportHook(Hook):
             checkpoint = ray.train.Checkpoint(fs_path, filesystem=filesystem)
         elif milestone:
             checkpoint = ray.train.Checkpoint.from_directory(str(path))
+        validation: bool | ray.train.ValidationTaskConfig = False
+        if checkpoint is not None and self.scores_tasks and self.config.tasks_due(step):
+            validation = ray.train.ValidationTaskConfig(fn_kwargs={"step": step, "location": str(path)},
+                                                        timeout_s=self.config.eval.tasks_timeout_s)
         ray.train.report({"step": step, "loss": metrics["loss"]}, checkpoint=checkpoint,
-                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD, validation=validation)
 
 
 class StopRequests(Hook):
@@ -144,7 +156,7 @@ def train_loop(loop_config: dict) -> None:
     config = build(TrainConfig, loop_config["config"])
     rank = jax.process_index()
     stops = StopRequests(loop_config["stop_key"])
-    hooks: list[Hook] = [RayReportHook(rank), stops]
+    hooks: list[Hook] = [RayReportHook(rank, config, loop_config["scores_tasks"]), stops]
     if rank == 0 and loop_config.get("tracking_run_id"):
         hooks.insert(0, TrackingHook(loop_config["tracking_run_id"], config))
     try:
@@ -214,8 +226,13 @@ def absolute_paths(config: TrainConfig) -> TrainConfig:
     return dataclasses.replace(config, output_dir=absolute(config.output_dir), data=data, device=device)
 
 
-def fit(config: TrainConfig, address: str | None = None):
+def fit(config: TrainConfig, address: str | None = None, score_tasks: ScoreTasks | None = None):
     """Run training under JaxTrainer on the Ray cluster at `address` (or RAY_ADDRESS, else in-process).
+
+    With `eval.tasks` and `score_tasks` (eval's, handed in by the roof: train does not import eval), the
+    checkpoints of `eval.tasks_every_steps` are scored as training goes on, each in a Ray task of
+    `eval.tasks_cpus` CPUs (Ray Train's `ValidationConfig`); `fit` returns once the last one finished. A
+    failed or timed-out evaluation is logged and training goes on.
 
     Returns Ray Train's Result; raises the training error (after recording it in MLflow) on failure, and a lost
     head as WorkFailed naming it and the checkpoint the same command resumes from on a new head.
@@ -226,7 +243,7 @@ def fit(config: TrainConfig, address: str | None = None):
     # imported after `connect`, which decides how Ray binds before `ray` is first imported
     import ray
     from ray.exceptions import ActorUnavailableError
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, ValidationConfig, ValidationTaskConfig
     from ray.train.v2.jax import JaxTrainer
 
     from openllama.train.ray_backend import JaxConfigWithCpu
@@ -240,10 +257,20 @@ def fit(config: TrainConfig, address: str | None = None):
     run_id = open_tracking_run(config)
     storage_path, storage_filesystem = ray_storage(config)
     stop_key = f"openllama-stop-{uuid.uuid4().hex}"
+    validation = None
+    if config.eval.tasks and score_tasks is not None:
+        e = config.eval
+        validation = ValidationConfig(
+            fn=score_tasks, ray_remote_kwargs={"num_cpus": e.tasks_cpus, "max_retries": 0},
+            task_config=ValidationTaskConfig(timeout_s=e.tasks_timeout_s, fn_kwargs={
+                "tasks": e.tasks, "limit": e.tasks_limit, "run_id": run_id,
+                "tracking_uri": config.tracking.uri or tracking.tracking_uri()}))
     trainer = JaxTrainer(
         train_loop,
         train_loop_config={"config": to_dict(config), "tracking_run_id": run_id, "stop_key": stop_key,
-                           "tracking_uri": config.tracking.uri or tracking.tracking_uri()},
+                           "tracking_uri": config.tracking.uri or tracking.tracking_uri(),
+                           "scores_tasks": validation is not None},
+        validation_config=validation,
         jax_config=JaxConfigWithCpu(use_tpu=s.use_tpu, use_gpu=s.use_gpu),
         scaling_config=scaling,
         run_config=RunConfig(
