@@ -127,11 +127,13 @@ def on_cluster(ray_head, *command: str, tracking_uri: str | None = None) -> None
 
 def short_run(dataset: Path, seq_len: int, steps: int, compilation_cache: Path) -> list[str]:
     """Overrides of the short tiny-cpu run the training tests compare: 8 sequences a step, a checkpoint and a
-    held-out evaluation every 5 steps, one JAX compilation cache for all of them."""
+    held-out evaluation every 5 steps (no lm-eval tasks: tests/test_train_eval.py scores those), one JAX
+    compilation cache for all of them."""
     return [
         f"data.path={dataset}", f"train.seq_len={seq_len}", f"train.steps={steps}", "train.global_batch_size=8",
         "train.log_every=1", "optimizer.warmup_steps=2", "checkpoint.every_steps=5", "eval.every_steps=5",
-        "eval.batches=1", "device.peak_flops=1e11", f"device.compilation_cache_dir={compilation_cache}",
+        "eval.batches=1", "eval.tasks=[]", "device.peak_flops=1e11",
+        f"device.compilation_cache_dir={compilation_cache}",
     ]
 
 

@@ -108,6 +108,12 @@ def test_training_run_is_tagged_with_data_lineage_and_logged_its_loss(lineage, c
     assert len(client.get_metric_history(run.info.run_id, "loss")) >= 2
 
 
+def test_training_scored_its_last_checkpoint_on_the_local_pack_while_it_ran(lineage, client):
+    """tiny-cpu's `eval.tasks`: the final checkpoint (step 8) scored in the training run's own record."""
+    history = client.get_metric_history(lineage["train"], "eval/local_arc/acc")
+    assert [m.step for m in history] == [8]
+
+
 def test_eval_run_names_the_training_run_and_checkpoint_step(lineage, client):
     tags = client.get_run(lineage["eval"]).data.tags
     assert tags["training_run_id"] == lineage["train"]

@@ -57,7 +57,7 @@ def trained(ray_head, mlflow_server, sp_model, tmp_path_factory) -> Trained:
         f"name=registry-{uuid.uuid4().hex[:8]}", f"output_dir={root / 'runs'}", f"data.path={root / 'data'}",
         f"data.tokenizer={sp_model}", f"data.build_from={corpus}", "train.steps=2", "train.seq_len=32",
         "train.global_batch_size=4", "train.log_every=1", "optimizer.warmup_steps=1", "checkpoint.every_steps=2",
-        "eval.every_steps=0", "tracking.system_metrics_every_s=0", "tracking.register_model=true",
+        "eval.every_steps=0", "eval.tasks=[]", "tracking.system_metrics_every_s=0", "tracking.register_model=true",
         "device.peak_flops=1e11",
     ]
     env = harness.clean_env(**ray_head.env, MLFLOW_TRACKING_URI=mlflow_server.uri)

@@ -25,7 +25,7 @@ STEPS = 6
 # The run every fault is compared with: tiny model, 6 steps of 8 x 32 tokens, a checkpoint every 2 steps.
 TINY = [f"train.steps={STEPS}", "train.seq_len=32", "train.global_batch_size=8", "train.log_every=1",
         "optimizer.warmup_steps=2", "checkpoint.every_steps=2", "checkpoint.keep=2", "eval.every_steps=0",
-        "device.peak_flops=1e11"]
+        "eval.tasks=[]", "device.peak_flops=1e11"]
 TRAIN_IN_PROCESS = (
     "import sys; from openllama.commands import quiet_libraries; from openllama.train.config import load_config; "
     "from openllama.train.trainer import Trainer; quiet_libraries(); "
