@@ -198,6 +198,203 @@ def generate(
     return results[0] if single else results
 
 
+# --- rows of any lengths decoded together (`openllama serve`) -------------------------------------------
+# `generate` runs prompts of one length per group, since the cache has one write position for the batch. A
+# server's concurrent requests rarely share a length, so here each row keeps its own cache position: the
+# prefill runs the right-padded batch as `generate` does, then every decode step is the model applied to one
+# row at a time under `jax.vmap`, which turns the position into one per row. Each row has its own sampling
+# settings and token budget, and the same keys `generate` uses for its prompt and seed, so what a row decodes
+# does not depend on the rows beside it.
+
+TOP_LOGPROBS = 5  # the most likely tokens reported at each position (OpenAI's completions allow up to 5)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One prompt of a `RowBatch`, with its own settings (one prompt of a server's request)."""
+
+    prompt: list[int]  # token ids, BOS first if the model expects it
+    max_new_tokens: int  # 0: the prompt is only scored (`RowBatch(score_prompts=True)`)
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0  # taken modulo 2**32
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A token, its log-probability under the model (before temperature and top-p) and the TOP_LOGPROBS most
+    likely tokens at its position as (token, log-probability), most likely first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def _scored(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per position: the log-probability of `tokens`, and the top TOP_LOGPROBS tokens and log-probabilities."""
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(logprobs, tokens[..., None], axis=-1)[..., 0]
+    top_logprobs, top_tokens = jax.lax.top_k(logprobs, TOP_LOGPROBS)
+    return chosen, top_tokens, top_logprobs
+
+
+def _sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
+    """`sample_next` for each row [batch, vocab] with its own key and settings, as if it were alone."""
+    return jax.vmap(lambda row, *args: sample_next(row[None], *args)[0])(logits, keys, temperature, top_p)
+
+
+def _row_step(config: LlamaConfig, runtime: ModelRuntime, params: dict, token: jax.Array,
+              cache: list[dict]) -> tuple[jax.Array, list[dict]]:
+    """The logits after one row's `token`, on top of that row's cache (its own position); vmapped over rows."""
+    as_batch = [{"k": layer["k"][None], "v": layer["v"][None], "index": layer["index"]} for layer in cache]
+    logits, as_batch = Llama(config, runtime).apply({"params": params}, token[None, None], cache=as_batch)
+    return logits[0, -1], [{"k": layer["k"][0], "v": layer["v"][0], "index": layer["index"]} for layer in as_batch]
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _prefill_rows(config: LlamaConfig, runtime: ModelRuntime, score_prompts: bool, params: dict, padded: jax.Array,
+                  lengths: jax.Array, cache: list[dict], keys: jax.Array, temperature: jax.Array,
+                  top_p: jax.Array) -> tuple:
+    """`_prefill` for rows of their own lengths: each row's first token from its own last prompt position, and
+    its cache position set to its length; with `score_prompts`, every prompt token scored given those before."""
+    model = Llama(config, runtime)
+    hidden, cache = model.apply({"params": params}, padded, cache=cache, method=Llama.hidden_states)
+    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    logits = model.apply({"params": params}, last, method=Llama.logits)
+    token = _sample_rows(logits, jax.vmap(jax.random.fold_in)(keys, jnp.zeros_like(lengths)), temperature, top_p)
+    prompt = None
+    if score_prompts:
+        prompt = _scored(model.apply({"params": params}, hidden[:, :-1], method=Llama.logits), padded[:, 1:])
+    return token, _scored(logits, token), prompt, [dict(layer, index=lengths) for layer in cache]
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
+def _advance_rows(config: LlamaConfig, runtime: ModelRuntime, steps: int, stop_ids: tuple[int, ...], params: dict,
+                  state: dict) -> tuple:
+    """Up to `steps` decode steps of every row on device, fewer once every row is done.
+
+    Returns the new state and, per row and step, the token, its scores and whether it belongs to the row's
+    output (a row that is done, or the stop token that ends it, is not).
+    """
+    rows = state["token"].shape[0]
+    stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
+    step_of_rows = jax.vmap(partial(_row_step, config, runtime), in_axes=(None, 0, 0))
+    out = {"token": jnp.zeros((rows, steps), jnp.int32), "logprob": jnp.zeros((rows, steps), jnp.float32),
+           "top_tokens": jnp.zeros((rows, steps, TOP_LOGPROBS), jnp.int32),
+           "top_logprobs": jnp.zeros((rows, steps, TOP_LOGPROBS), jnp.float32),
+           "emitted": jnp.zeros((rows, steps), bool)}
+
+    def running(carry: tuple) -> jax.Array:
+        step, state, _ = carry
+        return (step < steps) & ~jnp.all(state["done"])
+
+    def one_token(carry: tuple) -> tuple:
+        step, state, out = carry
+        logits, cache = step_of_rows(params, state["token"], state["cache"])
+        keys = jax.vmap(jax.random.fold_in)(state["keys"], state["produced"])
+        token = _sample_rows(logits, keys, state["temperature"], state["top_p"])
+        logprob, top_tokens, top_logprobs = _scored(logits, token)
+        emitted = ~state["done"] & ~jnp.isin(token, stops)
+        produced = state["produced"] + emitted
+        done = state["done"] | ~emitted | (produced >= state["max_new_tokens"])
+        state = dict(state, token=token, cache=cache, produced=produced, done=done)
+        new = {"token": token, "logprob": logprob, "top_tokens": top_tokens, "top_logprobs": top_logprobs,
+               "emitted": emitted}
+        out = {name: out[name].at[:, step].set(value) for name, value in new.items()}
+        return step + 1, state, out
+
+    steps_run, state, out = jax.lax.while_loop(running, one_token, (jnp.int32(0), state, out))
+    return state, out, steps_run
+
+
+class RowBatch:
+    """Rows of any lengths decoded together: the prefill on creation, then `advance` a few tokens at a time.
+
+    Every row stops at a stop token (not part of its output), after its `max_new_tokens`, or when the caller
+    `stop`s it (a stop string found in its text). The batch is padded to a power of two rows, and the cache
+    length rounded as `generate` rounds it, so a server compiles a few shapes whatever its requests.
+    """
+
+    def __init__(self, params: dict, config: LlamaConfig, runtime: ModelRuntime, rows: Sequence[Row],
+                 stop_ids: Sequence[int] | None = None, score_prompts: bool = False) -> None:
+        if not rows:
+            raise ValueError("a RowBatch needs at least one row")
+        for row in rows:
+            if not row.prompt or any(not 0 <= t < config.vocab_size for t in row.prompt):
+                raise ValueError(f"every prompt needs 1 or more token ids in [0, vocab_size={config.vocab_size})")
+            if row.max_new_tokens < 0:
+                raise ValueError(f"max_new_tokens={row.max_new_tokens} must be at least 0")
+            check_sampling(max(row.max_new_tokens, 1), row.temperature, row.top_p)
+        self.params, self.config, self.runtime = params, config, runtime
+        self.size = len(rows)
+        self.stop_ids = (config.eos_token_id,) if stop_ids is None else tuple(stop_ids)
+        filler = Row([config.bos_token_id], 0)
+        rows = [*rows, *[filler] * ((1 << (len(rows) - 1).bit_length()) - len(rows))]
+        lengths = np.array([len(row.prompt) for row in rows], np.int32)
+        longest = int(max(len(row.prompt) + row.max_new_tokens for row in rows))
+        cache_length = -(-longest // CACHE_ROUNDING) * CACHE_ROUNDING
+        padded = np.zeros((len(rows), bucket_length(int(lengths.max()), cache_length)), np.int32)
+        for i, row in enumerate(rows):
+            padded[i, : len(row.prompt)] = row.prompt
+        # the keys `generate` gives a prompt of this length and seed
+        keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(row.seed % 2**32), len(row.prompt)) for row in rows])
+        temperature = jnp.asarray([row.temperature for row in rows], jnp.float32)
+        top_p = jnp.asarray([row.top_p for row in rows], jnp.float32)
+        max_new = jnp.asarray([row.max_new_tokens for row in rows], jnp.int32)
+        cache = init_cache(config, runtime, len(rows), cache_length)
+        token, first, prompt, cache = _prefill_rows(config, runtime, score_prompts, params, jnp.asarray(padded),
+                                                    jnp.asarray(lengths), cache, keys, temperature, top_p)
+        emitted = (max_new > 0) & ~jnp.isin(token, jnp.asarray(self.stop_ids or (-1,), jnp.int32))
+        produced = emitted.astype(jnp.int32)
+        self.state = {"token": token, "cache": cache, "keys": keys, "temperature": temperature, "top_p": top_p,
+                      "max_new_tokens": max_new, "produced": produced, "done": ~emitted | (produced >= max_new)}
+        self.pending = self._rows_of(
+            {"token": token[:, None], "logprob": first[0][:, None], "top_tokens": first[1][:, None],
+             "top_logprobs": first[2][:, None], "emitted": emitted[:, None]}, 1)
+        self.prompt_scores: list[list[Scored]] = []  # per row, its prompt tokens after the first (score_prompts)
+        if prompt is not None:
+            chosen, top_tokens, top_logprobs = (np.asarray(a) for a in prompt)
+            self.prompt_scores = [
+                [Scored(int(padded[i, j + 1]), float(chosen[i, j]), self._top(top_tokens[i, j], top_logprobs[i, j]))
+                 for j in range(len(rows[i].prompt) - 1)]
+                for i in range(self.size)
+            ]
+
+    @property
+    def done(self) -> list[bool]:
+        """Per row, whether it has ended (a stop token, its token budget, or `stop`)."""
+        return np.asarray(self.state["done"])[: self.size].tolist()
+
+    def stop(self, row: int) -> None:
+        """End row `row` now, e.g. once its text holds a stop string."""
+        self.state["done"] = self.state["done"].at[row].set(True)
+
+    def advance(self, steps: int) -> list[list[Scored]]:
+        """The tokens each row added in up to `steps` more decode steps (the first call also returns the token
+        the prefill chose); empty lists for rows that are done."""
+        if self.pending is not None:
+            new, self.pending = self.pending, None
+            return new
+        if all(self.done):
+            return [[] for _ in range(self.size)]
+        self.state, out, steps_run = _advance_rows(self.config, self.runtime, steps, self.stop_ids, self.params,
+                                                   self.state)
+        return self._rows_of(out, int(steps_run))
+
+    def _rows_of(self, out: dict, steps: int) -> list[list[Scored]]:
+        host = {name: np.asarray(value)[: self.size, :steps] for name, value in out.items()}
+        return [
+            [Scored(int(host["token"][i, s]), float(host["logprob"][i, s]),
+                    self._top(host["top_tokens"][i, s], host["top_logprobs"][i, s]))
+             for s in range(steps) if host["emitted"][i, s]]
+            for i in range(self.size)
+        ]
+
+    @staticmethod
+    def _top(tokens: np.ndarray, logprobs: np.ndarray) -> list[tuple[int, float]]:
+        return [(int(t), float(p)) for t, p in zip(tokens, logprobs, strict=True)]
+
+
 class TextStream:
     """Prints a continuation as tokens arrive, holding back bytes of a character not yet complete.
 

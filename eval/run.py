@@ -10,6 +10,7 @@ packed dataset's validation split, computed by the code training uses (`train/he
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import math
 import os
@@ -293,6 +294,27 @@ def log_to_mlflow(rows: list[Row], results_path: Path, table_path: Path, tags: d
                                 (results_path, table_path))
 
 
+def log_task_data(run_id: str, results: dict) -> None:
+    """Each task's documents as an MLflow dataset input of the eval run (context `evaluation`): a local task's
+    data file with its sha256, an lm-eval task's Hugging Face dataset by name and version."""
+    from openllama import tracking  # MLflow loads only when a run is logged (see log_to_mlflow)
+
+    for task, config in results.get("configs", {}).items():
+        split = config.get("test_split") or config.get("validation_split")
+        data_files = (config.get("dataset_kwargs") or {}).get("data_files") or {}
+        local = data_files.get(split) if isinstance(data_files, dict) else None
+        if isinstance(local, str) and (TASK_PACK / local).is_file():
+            source, digest = str(TASK_PACK / local), files.sha256_of(TASK_PACK / local)
+        else:
+            name = "/".join(str(p) for p in (config.get("dataset_path"), config.get("dataset_name")) if p)
+            source = f"hf://datasets/{name}"
+            version = results.get("versions", {}).get(task)
+            digest = hashlib.sha256(json.dumps([name, split, version]).encode()).hexdigest()
+        counts = results.get("n-samples", {}).get(task, {})
+        tracking.log_dataset(run_id, task, source, digest, "evaluation",
+                             {"split": split, "documents": counts.get("effective"), "of": counts.get("original")})
+
+
 def open_validation(data_dir: str, max_length: int) -> PackedDataset:
     """The validation split of a packed dataset, checked to fit the model's context."""
     try:
@@ -450,6 +472,7 @@ def report(settings: EvalConfig) -> int:
                       "workers": settings.workers, "seed": settings.seed,
                       "tokenizer": settings.tokenizer or "checkpoint"}
             run_id = log_to_mlflow(rows, results_path, table_path, tags, params)
+            log_task_data(run_id, results)
             print(f"MLflow run {run_id} in experiment {EXPERIMENT!r}")
     if settings.output:
         print(f"wrote {results_path} and {table_path}")

@@ -8,6 +8,7 @@ must not cost a week-long run.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -17,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
 
-from openllama.config import flatten, redact
+from openllama.config import flatten, hide_credentials, redact
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,20 @@ def log_summary(experiment: str, run_name: str | None, params: dict[str, Any], m
         for artifact in artifacts:
             client().log_artifact(run_id, str(artifact))
     return run_id
+
+
+def log_dataset(run_id: str, name: str, source: str, digest: str, context: str,
+                profile: dict[str, Any] | None = None) -> None:
+    """Record that run `run_id` read a dataset, as an MLflow dataset input (the runs table's Dataset column).
+
+    `source` is where it lives (a local path or a URI); `digest`, its content hash, is cut to the 36 characters
+    MLflow keeps; `context` is MLflow's `training`, `evaluation`, ...; `profile` is shown with the dataset.
+    """
+    scheme = source.split("://", 1)[0] if "://" in source else "local"
+    dataset = Dataset(name=name, digest=digest[:36], source_type={"gs": "gcs"}.get(scheme, scheme),
+                      source=json.dumps({"uri": hide_credentials(source)}),
+                      profile=json.dumps(profile) if profile is not None else None)
+    client().log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
 
 
 def is_permanent(error: Exception) -> bool:

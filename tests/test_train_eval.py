@@ -7,13 +7,15 @@ task pack), then resumed to 15; a third run whose evaluations time out.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import pytest
 
 import harness
-from openllama import cli
+from openllama import cli, files
+from openllama.eval.task_texts import TASK_PACK
 from openllama.train.checkpoint import RunDir
 from openllama.train.config import load_config
 
@@ -64,15 +66,41 @@ def test_each_checkpoint_of_the_run_is_scored_in_the_training_runs_record_at_its
     assert [step for step, _ in history(trained, "loss")][-1] == 10  # beside the loss, in the same run
 
 
-def test_the_scores_are_those_openllama_eval_gives_the_same_checkpoint(trained, capsys):
-    import json
+def test_the_scores_are_those_openllama_eval_gives_the_same_checkpoint(trained, monkeypatch):
+    """...and that eval run records the task data it read as its MLflow dataset inputs."""
+    from mlflow.tracking import MlflowClient
 
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{trained}/mlruns.db")
     checkpoint = RunDir(trained / "tiny-cpu").checkpoints / "step_00000005"
     assert cli.main(["eval", str(checkpoint), "--tasks", "local_arc,local_boolq", "--limit", str(LIMIT),
-                     "--no-mlflow", "--output", str(trained / "eval5")]) == 0
+                     "--output", str(trained / "eval5")]) == 0
     results = json.loads((trained / "eval5" / "results.json").read_text())["results"]
     for task in ("local_arc", "local_boolq"):
         assert dict(history(trained, f"eval/{task}/acc"))[5] == pytest.approx(results[task]["acc,none"], abs=1e-9)
+    client = MlflowClient(f"sqlite:///{trained}/mlruns.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("eval").experiment_id])
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    arc = TASK_PACK / "data" / "arc.jsonl"
+    assert set(inputs) == {"local_arc", "local_boolq"}
+    assert inputs["local_arc"].dataset.digest == files.sha256_of(arc)[:36]
+    assert json.loads(inputs["local_arc"].dataset.source)["uri"] == str(arc)
+    assert [t.value for t in inputs["local_arc"].tags if t.key == "mlflow.data.context"] == ["evaluation"]
+
+
+def test_the_training_run_records_its_dataset_as_an_mlflow_dataset(trained, dataset):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{trained}/mlruns.db")
+    run = client.get_run(RunDir(trained / "tiny-cpu").tracking_run_id())
+    (data,) = run.inputs.dataset_inputs
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    assert data.dataset.digest == files.sha256_of(dataset / "manifest.json")[:36]
+    assert json.loads(data.dataset.source)["uri"] == str(dataset)
+    profile = json.loads(data.dataset.profile)
+    for subset in {s["subset"] for s in manifest["shards"]}:
+        assert profile["train"][subset]["tokens"] == sum(
+            s["tokens"] for s in manifest["shards"] if (s["split"], s["subset"]) == ("train", subset))
+    assert [t.value for t in data.tags if t.key == "mlflow.data.context"] == ["training"]
 
 
 def test_a_resumed_run_scores_only_the_steps_it_adds(ray_head, dataset, trained):

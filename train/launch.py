@@ -32,6 +32,7 @@ from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 from openllama import commands, files, ray_jobs, tracking
 from openllama.config import build, redact_tree, to_dict
+from openllama.data.shards import Manifest
 from openllama.train.checkpoint import MODEL_JSON, STATE_JSON, TOKENIZER, RunDir, under
 from openllama.train.config import TrainConfig, validate
 from openllama.train.goodput import PHASES, combine, with_redone
@@ -187,7 +188,25 @@ def open_tracking_run(config: TrainConfig) -> str | None:
         log.warning("MLflow unreachable (%s); training without tracking", error)
         return None
     run.record_tracking_run(run_id)
+    log_training_dataset(config, run_id)
     return run_id
+
+
+def log_training_dataset(config: TrainConfig, run_id: str) -> None:
+    """The packed dataset as the run's MLflow dataset input: its path, its manifest's sha256 and, as its
+    profile, the tokens and rows of each subset per split (what the mixture samples from)."""
+    manifest = Manifest.read(config.data.path)
+    profile: dict[str, dict[str, dict[str, int]]] = {}
+    for shard in manifest["shards"]:
+        entry = profile.setdefault(shard["split"], {}).setdefault(shard["subset"], {"tokens": 0, "rows": 0})
+        entry["tokens"] += shard["tokens"]
+        entry["rows"] += shard["rows"]
+    try:
+        tracking.log_dataset(run_id, Path(config.data.path.rstrip("/")).name, config.data.path,
+                             files.sha256_of(Manifest.location(config.data.path)), "training",
+                             {"seq_len": manifest["seq_len"], **profile})
+    except Exception as error:  # the record is incomplete, the training is not
+        log.warning("MLflow: could not log the dataset of run %s (%s)", run_id, error)
 
 
 def finish_tracking_run(config: TrainConfig, run_id: str | None, succeeded: bool, status: str | None = None) -> None:
