@@ -239,8 +239,15 @@ def _scored(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array,
 
 
 def _sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
-    """`sample_next` for each row [batch, vocab] with its own key and settings, as if it were alone."""
-    return jax.vmap(lambda row, *args: sample_next(row[None], *args)[0])(logits, keys, temperature, top_p)
+    """`sample_next` for each row [batch, vocab] with its own key and settings, as if it were alone. Under vmap
+    its `cond` computes both branches, so the nucleus runs only when some row samples."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def drawn() -> jax.Array:
+        sampled = jax.vmap(lambda row, *args: sample_next(row[None], *args)[0])(logits, keys, temperature, top_p)
+        return jnp.where(temperature > 0, sampled, greedy)
+
+    return jax.lax.cond(jnp.any(temperature > 0), drawn, lambda: greedy)
 
 
 def _row_step(config: LlamaConfig, runtime: ModelRuntime, params: dict, token: jax.Array,

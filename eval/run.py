@@ -461,6 +461,8 @@ def write_outputs(out_dir: Path, results: dict, table: str) -> tuple[Path, Path]
 
 def report(settings: EvalConfig) -> int:
     """Evaluate, print the table, write the outputs and log the MLflow run."""
+    from openllama import tracking  # MLflow loads only when a run is logged (see log_to_mlflow)
+
     ckpt, results, rows, table = evaluate(settings)
     print(table)
     with tempfile.TemporaryDirectory() as scratch:
@@ -473,7 +475,8 @@ def report(settings: EvalConfig) -> int:
                       "tokenizer": settings.tokenizer or "checkpoint"}
             run_id = log_to_mlflow(rows, results_path, table_path, tags, params)
             log_task_data(run_id, results)
-            print(f"MLflow run {run_id} in experiment {EXPERIMENT!r}")
+            link = tracking.run_link(run_id)
+            print(f"MLflow run {run_id} in experiment {EXPERIMENT!r}" + (f": {link}" if link else ""))
     if settings.output:
         print(f"wrote {results_path} and {table_path}")
     return 0

@@ -36,7 +36,7 @@ from typing import Any
 
 import mlflow
 
-from openllama import commands, files, ray_jobs, services
+from openllama import commands, files, ray_jobs, services, tracking
 from openllama.config import FLAG, METAVAR
 from openllama.data.shards import PackedDataset
 from openllama.data.work import Ledger, settings_sha
@@ -196,7 +196,8 @@ def build_stages(out: Path, corpus: Path, train_config: str, train_overrides: li
     vocab_size = config.llama().vocab_size
     return [
         Stage("texts", ["openllama", "eval", "texts", EVAL_TASKS, "--out", str(texts)],
-              inputs=[REPO / "eval" / "tasks"], outputs=[texts]),
+              inputs=[*sorted((REPO / "eval" / "tasks").glob("*.yaml")), REPO / "eval" / "tasks" / "data"],
+              outputs=[texts]),  # the task definitions and their data (not the __pycache__ lm-eval leaves there)
         Stage("dedup", ["openllama", "data", "dedup", str(corpus), "--out", str(deduplicated),
                         "--decontaminate", str(texts)],
               inputs=[corpus, texts], outputs=[deduplicated]),
@@ -338,10 +339,18 @@ def run_pipeline(config: PipelineConfig) -> int:
 
     runs = record_lineage(mlflow.MlflowClient(tracking_uri), out, ledgers, git_commit())
     files.write_json(out / "lineage.json", {"tracking_uri": tracking_uri, "runs": runs})
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # the links below are the UI of this store
+    export = ledgers["export"]
+    links = {"training run": tracking.run_link(runs["train"]) if "train" in runs else None,
+             "eval run": tracking.run_link(runs["eval"]) if "eval" in runs else None,
+             "model": tracking.model_link(export["model_name"], export["model_version"])
+             if export.get("model_version") else None}
     summary = [
         f"\npipeline finished in {time.time() - started:.0f} s; ran: {', '.join(runner.ran) or 'nothing'}; "
         f"reused: {', '.join(runner.reused) or 'nothing'}",
-        f"  MLflow UI      {tracking_uri}   (experiments data, openllama-train, eval)",
+        f"  MLflow UI      {tracking.experiment_link('openllama-train') or tracking_uri}   (model training view; "
+        "experiments data, openllama-train, eval)",
+        *(f"  {what:<14} {link}" for what, link in links.items() if link),
         f"  Ray dashboard  {api_url}" + (f"   (token: {head.token_path})" if head else ""),
         f"  outputs        {out}/tokenizer, dataset, train/{RUN_NAME}, eval, hf, generate/output.txt",
         f"  job logs       {out}/logs/STAGE.log   ledgers {out}/ledger/STAGE.json   runs {out}/lineage.json",

@@ -127,6 +127,39 @@ def log_dataset(run_id: str, name: str, source: str, digest: str, context: str,
     client().log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
 
 
+# MLflow 3's UI opens an experiment in its GenAI view whatever the experiment's kind tag says; this query opens the
+# Model training view (runs, metric charts, datasets), which is what this project's runs are
+TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def ui_base() -> str | None:
+    """The MLflow UI's address when the tracking store is a server (a sqlite file or folder has no UI)."""
+    uri = tracking_uri()
+    return hide_credentials(uri.rstrip("/")) if uri.startswith(("http://", "https://")) else None
+
+
+def run_link(run_id: str) -> str | None:
+    """The page of run `run_id` in the Model training view, or None without a server."""
+    base = ui_base()
+    if base is None:
+        return None
+    experiment = client().get_run(run_id).info.experiment_id
+    return f"{base}/#/experiments/{experiment}/runs/{run_id}?{TRAINING_VIEW}"
+
+
+def experiment_link(name: str) -> str | None:
+    """The runs table of experiment `name` in the Model training view, or None without a server or experiment."""
+    base = ui_base()
+    found = client().get_experiment_by_name(name) if base is not None else None
+    return f"{base}/#/experiments/{found.experiment_id}?{TRAINING_VIEW}" if found is not None else None
+
+
+def model_link(name: str, version: str) -> str | None:
+    """The page of a registered model's version, or None without a server."""
+    base = ui_base()
+    return f"{base}/#/models/{name}/versions/{version}?{TRAINING_VIEW}" if base is not None else None
+
+
 def is_permanent(error: Exception) -> bool:
     """An answer from the server that no retry changes (the run does not exist, the request is invalid),
     as opposed to the server being unreachable or overloaded."""

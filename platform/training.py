@@ -17,7 +17,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from openllama import commands, files, ray_jobs
+from openllama import commands, files, ray_jobs, tracking
 from openllama.config import to_dict
 from openllama.data import pack, tokenizer
 from openllama.data.shards import DatasetNotFinished, PackedDataset
@@ -119,6 +119,9 @@ def main(argv: list[str]) -> int:
         if run_id and latest and config.tracking.register_model and os.environ.get(registry.TRACKING_URI):
             register_final_model(config, run_id, latest[1])
         print(f"trained {config.name}: {result.metrics} checkpoints in {run.checkpoints}")
+        link = tracking.run_link(run_id) if run_id else None
+        if link:
+            print(f"{config.name}: MLflow run {link}")
         figures = run_goodput(run_id)
         if figures:
             print(f"{config.name}: {describe(figures)}")

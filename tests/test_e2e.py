@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.request
@@ -17,6 +18,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample" / "redpajama"
+RUN_NAME_SHOWN = "pipeline-tiny"  # the training run's name in the MLflow UI
 STAGES = ["texts", "dedup", "tokenizer", "data", "train", "eval", "export", "generate"]
 DOCS_PER_SUBSET = 12
 
@@ -168,3 +170,36 @@ def test_runs_notebook_plots_loss_and_eval_results_from_mlflow(demo, mlflow_serv
     text = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
     assert len(images) >= 2
     assert "pipeline-tiny" in text
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (.ci/run installs it as root)")
+def test_the_printed_mlflow_links_open_the_runs_in_the_model_training_view(demo):
+    """The links the pipeline printed, in headless Chromium: the training run's charts hold the loss and the
+    scores of evaluation during training, its experiment's runs table names its dataset, the registry lists the
+    model the export registered."""
+    from playwright.sync_api import sync_playwright
+
+    _, result = demo
+    links = dict(re.findall(r"^  (MLflow UI|training run|model)\s+(http\S+)", result.stdout, re.MULTILINE))
+    assert set(links) == {"MLflow UI", "training run", "model"}, result.stdout
+    assert all("workflowType=machine_learning" in link for link in links.values())
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1600, "height": 1200})
+
+        def shown(url: str, wanted: str) -> str:
+            page.goto(url)
+            page.get_by_text(wanted, exact=False).first.wait_for(timeout=30_000)
+            return page.inner_text("body")
+
+        runs = shown(links["MLflow UI"], RUN_NAME_SHOWN)
+        assert "Dataset" in runs and "dataset (" in runs and "Usage" not in runs  # not the GenAI overview
+        charts = shown(links["training run"].replace("?", "/model-metrics?"), "(loss)")
+        assert f"{RUN_NAME_SHOWN} (loss)" in charts and f"{RUN_NAME_SHOWN} (eval/local_arc/acc)" in charts
+        assert page.locator(".js-plotly-plot").count() >= 2
+        model = shown(links["model"], "pipeline-tiny")
+        assert "Version 1" in model or "version 1" in model.lower()
+        browser.close()

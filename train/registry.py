@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from openllama import tracking
 from openllama.commands import BadInput, WorkFailed
-from openllama.train.checkpoint import RunDir, checkpoint_step, resolve
+from openllama.train.checkpoint import DEFAULT_STAGING, RunDir, checkpoint_step, resolve
 
 TASK = "text-generation"
 TRACKING_URI = "MLFLOW_TRACKING_URI"
@@ -107,3 +109,51 @@ def register_export(hf_dir: str | Path, name: str, run_id: str, checkpoint: Path
         raise WorkFailed(f"registering {checkpoint} as model {name!r} on {tracking.tracking_uri()} failed: "
                          f"{one_line(error)}") from error
     return ModelVersion(name, str(info.registered_model_version))
+
+
+MODEL_URI = re.compile(r"^models:/(?P<name>[^/]+)/(?P<version>\d+)$")
+
+
+def parse_model_uri(uri: str) -> ModelVersion | None:
+    """`models:/NAME/VERSION` as the version it names; None for anything else (a path)."""
+    match = MODEL_URI.match(uri)
+    return ModelVersion(match["name"], match["version"]) if match else None
+
+
+def checkpoint_of(version: ModelVersion, staging: Path = DEFAULT_STAGING) -> Path:
+    """A checkpoint of this machine holding `version`'s weights, for serving and evaluating a registered model.
+
+    That is the checkpoint it was exported from (its `checkpoint` tag) wherever that can still be read from
+    here (a bucket, a shared folder), which keeps its SentencePiece tokenizer. Otherwise the logged Hugging Face
+    weights are downloaded and imported (`convert.hf.import_hf`) into `staging`, once per version; the flavor
+    logs the tokenizer as tokenizer.json only, so such a checkpoint has no tokenizer.model of its own.
+    """
+    try:
+        registered = tracking.client().get_model_version(version.name, version.version)
+    except Exception as error:
+        raise BadInput(f"{version.uri}: no such version in the registry of {tracking.tracking_uri()} "
+                       f"({one_line(error)})") from None
+    exported_from = registered.tags.get("checkpoint")
+    if exported_from:
+        try:
+            return resolve(exported_from)
+        except FileNotFoundError:
+            pass  # the checkpoint is gone or on another machine: the logged weights remain
+    imported = staging / "registry" / version.name / version.version
+    if imported.is_dir():
+        return imported
+    import mlflow.artifacts  # here: MLflow's artifact client (a second or two), only when weights are downloaded
+
+    from openllama.train.convert.hf import import_hf  # here: convert.hf imports this module (export --register)
+
+    with tempfile.TemporaryDirectory(prefix="openllama-registry-") as folder:
+        try:
+            logged = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.uri, dst_path=folder))
+        except Exception as error:
+            raise WorkFailed(f"downloading {version.uri} from {tracking.tracking_uri()} failed: "
+                             f"{one_line(error)}") from error
+        imported.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return import_hf(logged / "model", imported)
+        except FileExistsError:  # another replica on this machine imported it first
+            return imported

@@ -340,8 +340,11 @@ def export_command(config: ExportHfConfig) -> None:
         write_hf(ckpt, tmp, config.dtype, shard_bytes, config.tokenizer)
         version = registry.register_export(tmp, config.register or run.path.name, run_id, ckpt)
     print(f"wrote {out}")
+    from openllama import tracking  # MLflow, already loaded by the registration: only the link is new here
+
+    link = tracking.model_link(version.name, version.version)
     print(f"registered {version.uri} (MLflow run {run_id}); load it with "
-          f"mlflow.transformers.load_model({version.uri!r})")
+          f"mlflow.transformers.load_model({version.uri!r})" + (f"; {link}" if link else ""))
 
 
 def import_command(config: ImportHfConfig) -> None:
