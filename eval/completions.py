@@ -21,6 +21,7 @@ out as `Delta`s that never take back what they gave, so a stream and a whole res
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 import uuid
@@ -76,15 +77,18 @@ class CompletionRequest:
         return self.echo and self.logprobs is not None
 
 
+TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list",
+              dict: "an object"}
+
+
 def _get(data: dict, name: str, kinds: tuple[type, ...], default: Any = None, nullable: bool = True) -> Any:
     """`data[name]` if it is of one of `kinds` (a bool is not a number), else an ApiError naming it."""
     value = data.get(name, default)
     if value is None and nullable:
         return None
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        names = " or ".join(kind.__name__.replace("str", "string").replace("int", "integer")
-                            .replace("float", "number").replace("bool", "boolean") for kind in kinds)
-        raise ApiError(f"{name} must be {'a' if len(kinds) == 1 else 'one of'} {names}, not {json.dumps(value)}", name)
+        names = [TYPE_NAMES[kind] for kind in kinds if not (kind is int and float in kinds)]  # 3 is a number too
+        raise ApiError(f"{name} must be {' or '.join(names)}, not {json.dumps(value)[:80]}", name)
     return value
 
 
@@ -146,11 +150,11 @@ def parse_request(body: bytes, served: str, sp: spm.SentencePieceProcessor, voca
                            "or lower max_tokens", "max_tokens" if len(prompt) <= context else "prompt",
                            code="context_length_exceeded")
         budgets.append(budget)
-    temperature = _get(data, "temperature", (int, float), 1.0)
+    temperature = _get(data, "temperature", (float, int), 1.0)
     temperature = 1.0 if temperature is None else float(temperature)
     if not 0 <= temperature <= 2:
         raise ApiError(f"temperature={temperature} must be in [0, 2] (0: greedy)", "temperature")
-    top_p = _get(data, "top_p", (int, float), 1.0)
+    top_p = _get(data, "top_p", (float, int), 1.0)
     top_p = 1.0 if top_p is None else float(top_p)
     if not 0 < top_p <= 1:
         raise ApiError(f"top_p={top_p} must be in (0, 1]", "top_p")
@@ -173,6 +177,20 @@ def parse_request(body: bytes, served: str, sp: spm.SentencePieceProcessor, voca
 
 
 # ------------------------------------------------------------------------------------------ one prompt
+
+BYTE_PIECE = re.compile(r"^<0x([0-9A-F]{2})>$")
+
+
+def piece_text(sp: spm.SentencePieceProcessor, token: int) -> str:
+    """A token's text on its own, for `top_logprobs`: the piece with its spaces, a byte piece as its character
+    (ASCII) or as OpenAI writes bytes that are no text alone (`bytes:\\xe2`)."""
+    piece = sp.id_to_piece(token)
+    byte = BYTE_PIECE.match(piece)
+    if byte is None:
+        return "" if sp.is_control(token) else piece.replace("\u2581", " ")
+    value = int(byte.group(1), 16)
+    return chr(value) if value < 0x80 else f"bytes:\\x{value:02x}"
+
 
 
 @dataclass
@@ -246,7 +264,7 @@ class Completion:
             entry = Entry(self.full[start:], start, None, None)
             if scored is not None:
                 entry.logprob = scored.logprob
-                entry.top = {self.sp.id_to_piece(t).replace("\u2581", " "): p for t, p in scored.top[: self.logprobs]}
+                entry.top = {piece_text(self.sp, t): p for t, p in scored.top[: self.logprobs]}
                 entry.top[entry.text] = scored.logprob  # the chosen token is always among them
             self.entries.append(entry)
 
@@ -259,9 +277,10 @@ class Completion:
         found = [continuation.find(s) for s in self.stop if s in continuation]
         if found:
             self.end, self.finish_reason = len(self.prompt_text) + min(found), "stop"
-        elif ended:
+        elif ended:  # by the stop token (its text is empty), or after max_tokens
             self.end = len(self.full)
-            self.finish_reason = "length" if self.generated >= self.max_tokens else "stop"
+            by_stop_token = bool(tokens) and tokens[-1].token == self.sp.eos_id()
+            self.finish_reason = "length" if self.generated >= self.max_tokens and not by_stop_token else "stop"
         shown = self.end if self.end is not None else len(self.full) - self._held_back(continuation)
         delta = Delta(self.full[self.shown:shown], finish_reason=self.finish_reason, tokens=len(tokens))
         self.shown = max(self.shown, shown)

@@ -281,7 +281,7 @@ def _advance_rows(config: LlamaConfig, runtime: ModelRuntime, steps: int, stop_i
     """Up to `steps` decode steps of every row on device, fewer once every row is done.
 
     Returns the new state and, per row and step, the token, its scores and whether it belongs to the row's
-    output (a row that is done, or the stop token that ends it, is not).
+    output (what a row makes once it is done does not; the stop token that ends it does).
     """
     rows = state["token"].shape[0]
     stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
@@ -301,9 +301,9 @@ def _advance_rows(config: LlamaConfig, runtime: ModelRuntime, steps: int, stop_i
         keys = jax.vmap(jax.random.fold_in)(state["keys"], state["produced"])
         token = _sample_rows(logits, keys, state["temperature"], state["top_p"])
         logprob, top_tokens, top_logprobs = _scored(logits, token)
-        emitted = ~state["done"] & ~jnp.isin(token, stops)
+        emitted = ~state["done"]
         produced = state["produced"] + emitted
-        done = state["done"] | ~emitted | (produced >= state["max_new_tokens"])
+        done = state["done"] | jnp.isin(token, stops) | (produced >= state["max_new_tokens"])
         state = dict(state, token=token, cache=cache, produced=produced, done=done)
         new = {"token": token, "logprob": logprob, "top_tokens": top_tokens, "top_logprobs": top_logprobs,
                "emitted": emitted}
@@ -317,9 +317,9 @@ def _advance_rows(config: LlamaConfig, runtime: ModelRuntime, steps: int, stop_i
 class RowBatch:
     """Rows of any lengths decoded together: the prefill on creation, then `advance` a few tokens at a time.
 
-    Every row stops at a stop token (not part of its output), after its `max_new_tokens`, or when the caller
-    `stop`s it (a stop string found in its text). The batch is padded to a power of two rows, and the cache
-    length rounded as `generate` rounds it, so a server compiles a few shapes whatever its requests.
+    Every row stops at a stop token (its last token then: OpenAI's logprobs report it, its text is empty),
+    after its `max_new_tokens`, or when the caller `stop`s it (a stop string found in its text). Rows and cache positions are padded to powers of two (the
+    prompts to their bucket, as in `generate`), so a server compiles few shapes whatever its requests.
     """
 
     def __init__(self, params: dict, config: LlamaConfig, runtime: ModelRuntime, rows: Sequence[Row],
@@ -339,7 +339,7 @@ class RowBatch:
         rows = [*rows, *[filler] * ((1 << (len(rows) - 1).bit_length()) - len(rows))]
         lengths = np.array([len(row.prompt) for row in rows], np.int32)
         longest = int(max(len(row.prompt) + row.max_new_tokens for row in rows))
-        cache_length = -(-longest // CACHE_ROUNDING) * CACHE_ROUNDING
+        cache_length = max(CACHE_ROUNDING, 1 << (longest - 1).bit_length())
         padded = np.zeros((len(rows), bucket_length(int(lengths.max()), cache_length)), np.int32)
         for i, row in enumerate(rows):
             padded[i, : len(row.prompt)] = row.prompt
@@ -351,10 +351,11 @@ class RowBatch:
         cache = init_cache(config, runtime, len(rows), cache_length)
         token, first, prompt, cache = _prefill_rows(config, runtime, score_prompts, params, jnp.asarray(padded),
                                                     jnp.asarray(lengths), cache, keys, temperature, top_p)
-        emitted = (max_new > 0) & ~jnp.isin(token, jnp.asarray(self.stop_ids or (-1,), jnp.int32))
+        emitted = max_new > 0
         produced = emitted.astype(jnp.int32)
+        stopped = jnp.isin(token, jnp.asarray(self.stop_ids or (-1,), jnp.int32))
         self.state = {"token": token, "cache": cache, "keys": keys, "temperature": temperature, "top_p": top_p,
-                      "max_new_tokens": max_new, "produced": produced, "done": ~emitted | (produced >= max_new)}
+                      "max_new_tokens": max_new, "produced": produced, "done": stopped | (produced >= max_new)}
         self.pending = self._rows_of(
             {"token": token[:, None], "logprob": first[0][:, None], "top_tokens": first[1][:, None],
              "top_logprobs": first[2][:, None], "emitted": emitted[:, None]}, 1)
