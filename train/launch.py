@@ -280,7 +280,9 @@ def fit(config: TrainConfig, address: str | None = None, score_tasks: ScoreTasks
     if config.eval.tasks and score_tasks is not None:
         e = config.eval
         validation = ValidationConfig(
-            fn=score_tasks, ray_remote_kwargs={"num_cpus": e.tasks_cpus, "max_retries": 0},
+            # on the CPU: the accelerators of a slice are the training workers'
+            fn=score_tasks, ray_remote_kwargs={"num_cpus": e.tasks_cpus, "max_retries": 0,
+                                               "runtime_env": {"env_vars": {"JAX_PLATFORMS": "cpu"}}},
             task_config=ValidationTaskConfig(timeout_s=e.tasks_timeout_s, fn_kwargs={
                 "tasks": e.tasks, "limit": e.tasks_limit, "run_id": run_id,
                 "tracking_uri": config.tracking.uri or tracking.tracking_uri()}))
