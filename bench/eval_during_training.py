@@ -44,7 +44,7 @@ def step_times(store: Path) -> tuple[list[float], list[float]]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{store}")
-    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    (run,) = client.search_runs([client.get_experiment_by_name("openllama-train").experiment_id])
     steps = [m for m in client.get_metric_history(run.info.run_id, "step_time_s") if m.step > 5]
     windows = [(m.timestamp / 1000 - m.value, m.timestamp / 1000)
                for m in client.get_metric_history(run.info.run_id, "eval/seconds")]

@@ -45,6 +45,20 @@ def sp_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def packed_sample(ray_head, sp_model, tmp_path_factory) -> Path:
+    """The shipped sample packed at seq_len 32 (a fifth held out), built once by `data tokenize`'s function on the
+    session's Ray head; the training tests share it."""
+    import sys
+
+    out = tmp_path_factory.mktemp("packed") / "data"
+    build = ("from openllama.data.pack import tokenize_dataset; "
+             f"tokenize_dataset([{str(SAMPLE)!r}], {str(sp_model)!r}, {str(out)!r}, seq_len=32, "
+             "val_fraction=0.2, track=False)")
+    harness.on_cluster(ray_head, sys.executable, "-c", build)
+    return out
+
+
+@pytest.fixture(scope="session")
 def ray_head(tmp_path_factory: pytest.TempPathFactory):
     """A real `ray start --head` on 127.0.0.1 with token auth, stopped by process group at the end.
 

@@ -19,13 +19,13 @@ from openllama.eval.task_texts import TASK_PACK
 from openllama.train.checkpoint import RunDir
 from openllama.train.config import load_config
 
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "redpajama"
 TASKS = "[local_arc,local_boolq]"
 LIMIT = 4
 
 
 def train(ray_head, dataset: Path, out: Path, steps: int, *extra: str) -> list[str]:
     overrides = [f"output_dir={out}", f"data.path={dataset}", "data.build_from=null", f"train.steps={steps}",
+                 "train.seq_len=32", "train.global_batch_size=8",
                  "train.log_every=1", "optimizer.warmup_steps=2", "checkpoint.every_steps=5", "eval.every_steps=0",
                  f"eval.tasks={TASKS}", f"eval.tasks_limit={LIMIT}", f"tracking.uri=sqlite:///{out}/mlruns.db",
                  *extra]
@@ -43,13 +43,8 @@ def history(out: Path, key: str) -> list[tuple[int, float]]:
 
 
 @pytest.fixture(scope="module")
-def dataset(ray_head, sp_model, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("eval_during_training") / "data"
-    build = ("from openllama.data.pack import tokenize_dataset; "
-             f"tokenize_dataset([{str(SAMPLE)!r}], {str(sp_model)!r}, {str(out)!r}, seq_len=128, "
-             "val_fraction=0.05, track=False)")
-    harness.on_cluster(ray_head, sys.executable, "-c", build)
-    return out
+def dataset(packed_sample) -> Path:
+    return packed_sample
 
 
 @pytest.fixture(scope="module")

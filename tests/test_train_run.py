@@ -6,7 +6,6 @@ tests/faults/test_train_faults.py; 2 workers against 1, on two hosts, in tests/t
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 import signal
@@ -24,32 +23,13 @@ from openllama.train.config import TrainConfig, load_config
 from openllama.train.trainer import NonFiniteLoss, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "data" / "sample" / "redpajama"
 SEQ_LEN = 32
 STEPS = 10
 
 
 @pytest.fixture(scope="module")
-def dataset(ray_head, sp_model, tmp_path_factory) -> Path:
-    """A packed dataset (train + validation) of the shipped sample corpus, else of two stdlib 'subsets'."""
-    root = tmp_path_factory.mktemp("packed")
-    inputs = SAMPLE
-    if not SAMPLE.is_dir():
-        import sysconfig
-
-        inputs = root / "corpus"
-        sources = sorted(Path(sysconfig.get_path("stdlib")).glob("*.py"))[:80]
-        for i, subset in enumerate(["github", "wikipedia"]):
-            (inputs / subset).mkdir(parents=True)
-            with open(inputs / subset / "part.jsonl", "w") as f:
-                for path in sources[i::2]:
-                    f.write(json.dumps({"text": path.read_text(encoding="utf-8")}) + "\n")
-    out = root / "data"
-    build = ("from openllama.data.pack import tokenize_dataset; "
-             f"tokenize_dataset([{str(inputs)!r}], {str(sp_model)!r}, {str(out)!r}, seq_len={SEQ_LEN}, "
-             "val_fraction=0.2, track=False)")
-    harness.on_cluster(ray_head, sys.executable, "-c", build)
-    return out
+def dataset(packed_sample) -> Path:
+    return packed_sample
 
 
 @pytest.fixture(scope="module")
