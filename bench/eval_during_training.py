@@ -8,7 +8,7 @@ MLflow record: each step's `step_time_s` and time, each evaluation's `eval/secon
 median step time inside and outside evaluations and across the run without, as the median of the repeats
 with its spread.
 
-    python bench/eval_during_training.py [--steps 120] [--every 20] [--limit 16] [--repeats 3]
+    python bench/eval_during_training.py [--steps 1000] [--every 200] [--limit 16] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ def step_times(store: Path) -> tuple[list[float], list[float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--every", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--every", type=int, default=200)
     parser.add_argument("--limit", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -66,6 +66,8 @@ def main() -> None:
             for tasks in (True, False):  # alternated
                 store = train(Path(scratch) / f"{repeat}-{tasks}", args.steps, args.every, args.limit, tasks)
                 during, rest = step_times(store)
+                if tasks and not during:
+                    raise SystemExit("no step ran while an evaluation did: train longer (--steps)")
                 if tasks:
                     inside.append(statistics.median(during))
                     outside.append(statistics.median(rest))
