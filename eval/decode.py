@@ -318,8 +318,9 @@ class RowBatch:
     """Rows of any lengths decoded together: the prefill on creation, then `advance` a few tokens at a time.
 
     Every row stops at a stop token (its last token then: OpenAI's logprobs report it, its text is empty),
-    after its `max_new_tokens`, or when the caller `stop`s it (a stop string found in its text). Rows and cache positions are padded to powers of two (the
-    prompts to their bucket, as in `generate`), so a server compiles few shapes whatever its requests.
+    after its `max_new_tokens`, or when the caller `stop`s it (a stop string found in its text). Rows and
+    cache positions are padded to powers of two (the prompts to their bucket, as in `generate`), so a server
+    compiles few shapes whatever its requests.
     """
 
     def __init__(self, params: dict, config: LlamaConfig, runtime: ModelRuntime, rows: Sequence[Row],

@@ -23,14 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from openllama import files, tracking
+from openllama import files
 from openllama.config import POSITIONAL, ConfigError, build
 from openllama.ray_jobs import connect
-from openllama.train import checkpoint, registry
 
 APP_NAME = "openllama"  # the Serve application `--detach` starts and `--stop` deletes
 API_KEY_ENV = "OPENLLAMA_API_KEY"
-REGISTRY_PREFIX = "models:/"
+REGISTRY_PREFIX = "models:/"  # a registered version (train/registry.py reads it)
 EXAMPLE_PROMPT = "Q: What is the largest animal?\nA:"
 
 
@@ -120,6 +119,10 @@ def app_builder(args: dict[str, Any]) -> Any:
 def check_source(settings: ServeConfig) -> None:
     """Refuse a source that cannot be served before Ray starts: a missing checkpoint or tokenizer, an unknown
     registered version."""
+    # here, not at the top: jax, orbax and MLflow take seconds to import, and `--stop` and `--help` need none
+    from openllama import tracking
+    from openllama.train import checkpoint, registry
+
     version = registry.parse_model_uri(settings.source)
     if version is not None:
         try:
@@ -165,6 +168,10 @@ def serve_command(settings: ServeConfig) -> None:
     connect()
     from ray import serve  # here: after `connect`, which sets up how an in-process Ray listens
 
+    stopping = threading.Event()  # set up before the proxy listens: a SIGTERM as soon as it answers ends cleanly
+    if not settings.detach:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stopping.set())
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(application(settings), name=APP_NAME, route_prefix="/")
     url = f"http://{settings.host}:{settings.port}/v1"
@@ -172,9 +179,6 @@ def serve_command(settings: ServeConfig) -> None:
     print(f"openllama serve: {name} at {url} ({ends}); try: {curl_line(settings, name)}", flush=True)
     if settings.detach:
         return
-    stopping = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stopping.set())
     while not stopping.wait(1.0):
         pass
     serve.delete(APP_NAME)
