@@ -315,93 +315,152 @@ def _advance_rows(config: LlamaConfig, runtime: ModelRuntime, steps: int, stop_i
 
 
 class RowBatch:
-    """Rows of any lengths decoded together: the prefill on creation, then `advance` a few tokens at a time.
+    """Rows of any lengths decoded together: the prefill on creation, then `advance` a few tokens at a time,
+    with new rows `admit`ted into the slots of rows that ended while the others go on (continuous batching).
 
     Every row stops at a stop token (its last token then: OpenAI's logprobs report it, its text is empty),
-    after its `max_new_tokens`, or when the caller `stop`s it (a stop string found in its text). Rows and
+    after its `max_new_tokens`, or when the caller `stop`s it (a stop string found in its text). Slots and
     cache positions are padded to powers of two (the prompts to their bucket, as in `generate`), so a server
-    compiles few shapes whatever its requests.
+    compiles few shapes whatever its requests. A row joins only where its prompt and budget fit the cache.
     """
 
     def __init__(self, params: dict, config: LlamaConfig, runtime: ModelRuntime, rows: Sequence[Row],
-                 stop_ids: Sequence[int] | None = None, score_prompts: bool = False) -> None:
+                 stop_ids: Sequence[int] | None = None, score_prompts: bool = False, slots: int = 1) -> None:
         if not rows:
             raise ValueError("a RowBatch needs at least one row")
+        self.params, self.config, self.runtime = params, config, runtime
+        self.stop_ids = (config.eos_token_id,) if stop_ids is None else tuple(stop_ids)
+        self._check(rows)
+        self.slots = 1 << (max(len(rows), slots) - 1).bit_length()
+        longest = int(max(len(row.prompt) + row.max_new_tokens for row in rows))
+        self.cache_length = max(CACHE_ROUNDING, 1 << (longest - 1).bit_length())
+        self.state, first, prompt_scores = self._prefill(rows, score_prompts, self.slots)
+        self.first: dict[int, list[Scored]] = dict(enumerate(first[: len(rows)]))  # handed out by `advance`
+        self.prompt_scores = prompt_scores  # per row, its prompt tokens after the first (score_prompts)
+
+    def _check(self, rows: Sequence[Row]) -> None:
         for row in rows:
-            if not row.prompt or any(not 0 <= t < config.vocab_size for t in row.prompt):
-                raise ValueError(f"every prompt needs 1 or more token ids in [0, vocab_size={config.vocab_size})")
+            if not row.prompt or any(not 0 <= t < self.config.vocab_size for t in row.prompt):
+                raise ValueError(f"every prompt needs 1 or more token ids in [0, vocab_size={self.config.vocab_size})")
             if row.max_new_tokens < 0:
                 raise ValueError(f"max_new_tokens={row.max_new_tokens} must be at least 0")
             check_sampling(max(row.max_new_tokens, 1), row.temperature, row.top_p)
-        self.params, self.config, self.runtime = params, config, runtime
-        self.size = len(rows)
-        self.stop_ids = (config.eos_token_id,) if stop_ids is None else tuple(stop_ids)
+
+    def _prefill(self, rows: Sequence[Row], score_prompts: bool, slots: int) -> tuple:
+        """The decode state of `rows` padded to `slots` (fillers: done at once), their first tokens, and their
+        prompts' scores when asked for."""
+        config = self.config
         filler = Row([config.bos_token_id], 0)
-        rows = [*rows, *[filler] * ((1 << (len(rows) - 1).bit_length()) - len(rows))]
-        lengths = np.array([len(row.prompt) for row in rows], np.int32)
-        longest = int(max(len(row.prompt) + row.max_new_tokens for row in rows))
-        cache_length = max(CACHE_ROUNDING, 1 << (longest - 1).bit_length())
-        padded = np.zeros((len(rows), bucket_length(int(lengths.max()), cache_length)), np.int32)
-        for i, row in enumerate(rows):
+        padded_rows = [*rows, *[filler] * (slots - len(rows))]
+        lengths = np.array([len(row.prompt) for row in padded_rows], np.int32)
+        padded = np.zeros((slots, bucket_length(int(lengths.max()), self.cache_length)), np.int32)
+        for i, row in enumerate(padded_rows):
             padded[i, : len(row.prompt)] = row.prompt
         # the keys `generate` gives a prompt of this length and seed
-        keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(row.seed % 2**32), len(row.prompt)) for row in rows])
-        temperature = jnp.asarray([row.temperature for row in rows], jnp.float32)
-        top_p = jnp.asarray([row.top_p for row in rows], jnp.float32)
-        max_new = jnp.asarray([row.max_new_tokens for row in rows], jnp.int32)
-        cache = init_cache(config, runtime, len(rows), cache_length)
-        token, first, prompt, cache = _prefill_rows(config, runtime, score_prompts, params, jnp.asarray(padded),
-                                                    jnp.asarray(lengths), cache, keys, temperature, top_p)
+        keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(row.seed % 2**32), len(row.prompt))
+                          for row in padded_rows])
+        temperature = jnp.asarray([row.temperature for row in padded_rows], jnp.float32)
+        top_p = jnp.asarray([row.top_p for row in padded_rows], jnp.float32)
+        max_new = jnp.asarray([row.max_new_tokens for row in padded_rows], jnp.int32)
+        cache = init_cache(config, self.runtime, slots, self.cache_length)
+        token, first, prompt, cache = _prefill_rows(config, self.runtime, score_prompts, self.params,
+                                                    jnp.asarray(padded), jnp.asarray(lengths), cache, keys,
+                                                    temperature, top_p)
         emitted = max_new > 0
         produced = emitted.astype(jnp.int32)
         stopped = jnp.isin(token, jnp.asarray(self.stop_ids or (-1,), jnp.int32))
-        self.state = {"token": token, "cache": cache, "keys": keys, "temperature": temperature, "top_p": top_p,
-                      "max_new_tokens": max_new, "produced": produced, "done": stopped | (produced >= max_new)}
-        self.pending = self._rows_of(
-            {"token": token[:, None], "logprob": first[0][:, None], "top_tokens": first[1][:, None],
-             "top_logprobs": first[2][:, None], "emitted": emitted[:, None]}, 1)
-        self.prompt_scores: list[list[Scored]] = []  # per row, its prompt tokens after the first (score_prompts)
+        state = {"token": token, "cache": cache, "keys": keys, "temperature": temperature, "top_p": top_p,
+                 "max_new_tokens": max_new, "produced": produced, "done": stopped | (produced >= max_new)}
+        firsts = self._rows_of({"token": token[:, None], "logprob": first[0][:, None], "top_tokens": first[1][:, None],
+                                "top_logprobs": first[2][:, None], "emitted": emitted[:, None]}, 1)
+        prompt_scores: list[list[Scored]] = []
         if prompt is not None:
             chosen, top_tokens, top_logprobs = (np.asarray(a) for a in prompt)
-            self.prompt_scores = [
+            prompt_scores = [
                 [Scored(int(padded[i, j + 1]), float(chosen[i, j]), self._top(top_tokens[i, j], top_logprobs[i, j]))
                  for j in range(len(rows[i].prompt) - 1)]
-                for i in range(self.size)
+                for i in range(len(rows))
             ]
+        return state, firsts, prompt_scores
 
     @property
     def done(self) -> list[bool]:
-        """Per row, whether it has ended (a stop token, its token budget, or `stop`)."""
-        return np.asarray(self.state["done"])[: self.size].tolist()
+        """Per slot, whether its row has ended (a stop token, its token budget, or `stop`), or it has none."""
+        return np.asarray(self.state["done"]).tolist()
 
-    def stop(self, row: int) -> None:
-        """End row `row` now, e.g. once its text holds a stop string."""
-        self.state["done"] = self.state["done"].at[row].set(True)
+    def fits(self, row: Row) -> bool:
+        """Whether `row`'s prompt and token budget fit this batch's cache."""
+        return len(row.prompt) + row.max_new_tokens <= self.cache_length
+
+    def admit(self, rows: Sequence[Row], slots: Sequence[int],
+              score_prompts: bool = False) -> list[list[Scored]]:
+        """Start `rows` in `slots` (of rows that are done, which the caller is finished with): their prefill
+        now, their first tokens at the next `advance`. Returns their prompts' scores when asked for."""
+        done = self.done
+        if len(rows) != len(slots) or any(not done[slot] for slot in slots) or not all(map(self.fits, rows)):
+            raise ValueError("admit needs as many free slots as rows, and rows that fit the cache")
+        self._check(rows)
+        padded = 1 << (len(rows) - 1).bit_length()
+        state, first, prompt_scores = self._prefill(rows, score_prompts, padded)
+        # the fillers' slot is past the end, so their writes are dropped: one shape per padded size
+        targets = np.full(padded, self.slots, np.int32)
+        targets[: len(slots)] = slots
+        self.state = _place(self.state, state, jnp.asarray(targets))
+        self.first.update(zip(slots, first, strict=False))
+        return prompt_scores
+
+    def grow(self, slots: int) -> None:
+        """Room for more rows: `slots` in all (rounded up to a power of two), the new ones free."""
+        slots = 1 << (slots - 1).bit_length()
+        if slots > self.slots:
+            self.state = _grow(self.state, slots - self.slots)
+            self.slots = slots
+
+    def stop(self, slot: int) -> None:
+        """End the row in `slot` now, e.g. once its text holds a stop string."""
+        self.state["done"] = self.state["done"].at[slot].set(True)
 
     def advance(self, steps: int) -> list[list[Scored]]:
-        """The tokens each row added in up to `steps` more decode steps (the first call also returns the token
-        the prefill chose); empty lists for rows that are done."""
-        if self.pending is not None:
-            new, self.pending = self.pending, None
-            return new
-        if all(self.done):
-            return [[] for _ in range(self.size)]
-        self.state, out, steps_run = _advance_rows(self.config, self.runtime, steps, self.stop_ids, self.params,
-                                                   self.state)
-        return self._rows_of(out, int(steps_run))
+        """Per slot, the tokens its row added in up to `steps` more decode steps, after the token its prefill
+        chose if this is the first call since it started; empty lists for slots that are done."""
+        new: list[list[Scored]] = [[] for _ in range(self.slots)]
+        if not all(self.done):
+            self.state, out, steps_run = _advance_rows(self.config, self.runtime, steps, self.stop_ids,
+                                                       self.params, self.state)
+            new = self._rows_of(out, int(steps_run))
+        first, self.first = self.first, {}
+        return [first.get(slot, []) + tokens for slot, tokens in enumerate(new)]
 
     def _rows_of(self, out: dict, steps: int) -> list[list[Scored]]:
-        host = {name: np.asarray(value)[: self.size, :steps] for name, value in out.items()}
+        host = {name: np.asarray(value)[:, :steps] for name, value in out.items()}
         return [
             [Scored(int(host["token"][i, s]), float(host["logprob"][i, s]),
                     self._top(host["top_tokens"][i, s], host["top_logprobs"][i, s]))
              for s in range(steps) if host["emitted"][i, s]]
-            for i in range(self.size)
+            for i in range(host["token"].shape[0])
         ]
 
     @staticmethod
     def _top(tokens: np.ndarray, logprobs: np.ndarray) -> list[tuple[int, float]]:
         return [(int(t), float(p)) for t, p in zip(tokens, logprobs, strict=True)]
+
+
+@partial(jax.jit, static_argnums=(1,))
+def _grow(state: dict, more: int) -> dict:
+    """`state` with `more` free slots after its own: rows that are done, with empty caches."""
+    def pad(name: str, value: jax.Array) -> jax.Array:
+        extra = jnp.full((more, *value.shape[1:]), name == "done", value.dtype)
+        return jnp.concatenate([value, extra])
+
+    cache = [{key: pad(key, value) for key, value in layer.items()} for layer in state["cache"]]
+    return {**{name: pad(name, value) for name, value in state.items() if name != "cache"}, "cache": cache}
+
+
+@partial(jax.jit, donate_argnums=(0,))
+def _place(state: dict, rows: dict, slots: jax.Array) -> dict:
+    """`state` with row i of `rows` written into slot `slots[i]`, and not at all where that is past the end
+    (every array's leading axis is the slot; a cache's per-row position too)."""
+    return jax.tree.map(lambda whole, part: whole.at[slots].set(part, mode="drop"), state, rows)
 
 
 class TextStream:

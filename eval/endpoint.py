@@ -1,12 +1,14 @@
 """The Ray Serve deployment behind `openllama serve`: OpenAI's routes over one model and its batched decoder.
 
 Each replica loads the model once (`ServedModel`) and answers `GET /v1/models` and `POST /v1/completions`
-(the protocol is `eval/completions.py`). Every prompt of every request becomes one row of `decode.RowBatch`:
-`@serve.batch` gathers the rows that arrive within `batch_wait_ms` of the first (up to `max_batch_size`) and
-decodes them together, prompts of any lengths, a few tokens per device call, handing each row's text back as
-it comes, so a stream and a whole response are the same decode. A batch runs until its last row ends, and the
-rows that arrive meanwhile form the next batch. Each response says how many rows its decode shared
-(`openllama-batch-rows`).
+(the protocol is `eval/completions.py`). Every prompt of every request becomes one row of `decode.RowBatch`,
+and one scheduler task per replica decodes them with continuous batching: the rows that arrive within
+`batch_wait_ms` of the first (up to `max_batch_size`) start a batch, and every few tokens (`STEPS_PER_CALL`)
+the rows that arrived meanwhile take the slots of rows that ended, while the others go on. Each row's text
+is handed back as it comes, so a stream and a whole response are the same decode. A batch grows to
+`max_batch_size` slots when more rows wait than it has free; a row whose prompt and budget do not fit the
+batch's cache waits (and so do the rows after it) until the batch ends, and starts the next. Each response
+says how many rows shared its decode at most (`openllama-batch-rows`).
 
 Every refusal is OpenAI's error object: 400 for a request that cannot be served, 401 without the API key when
 one is set, 404 for a route there is not; the replica goes on serving. This module imports Ray Serve, so only
@@ -15,11 +17,12 @@ annotations` here: FastAPI reads the routes' annotations (`Request`) as objects.
 """
 
 import asyncio
+import collections
 import hashlib
 import hmac
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -93,12 +96,14 @@ class ServedModel:
         return cls(name, config, ModelRuntime(param_dtype=dtype, dtype=dtype), params, sp)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Job:
-    """One prompt of a request, waiting for its batch."""
+    """One prompt of a request: waiting for a slot, then decoding; its deltas go to `out` as they come."""
 
     row: Row
     request: CompletionRequest
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)  # (rows sharing the decode, Delta); then None
+    abandoned: bool = False  # the client went away: its row stops at the next call
 
 
 api = FastAPI(title="openllama", docs_url=None, redoc_url=None, openapi_url=None)
@@ -127,8 +132,11 @@ class CompletionServer:
     def __init__(self, settings: ServeConfig, api_key_digest: str | None) -> None:
         self.model = ServedModel.load(settings.name, settings.source, settings.dtype, settings.tokenizer)
         self.api_key_digest = api_key_digest
-        self.decode.set_max_batch_size(settings.max_batch_size)
-        self.decode.set_batch_wait_timeout_s(settings.batch_wait_ms / 1000)
+        self.max_batch_size = settings.max_batch_size
+        self.batch_wait_s = settings.batch_wait_ms / 1000
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.arrived: asyncio.Event | None = None  # made in the replica's event loop, by the first request
+        self.scheduler: asyncio.Task | None = None
 
     def authorize(self, request: Request) -> None:
         """Refuse (401) a request without `Authorization: Bearer KEY` when the server has a key."""
@@ -197,36 +205,92 @@ class CompletionServer:
             yield stream_event(ident, request.model, [], usage(request, generated))
         yield STREAM_END
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def decode(self, jobs: list[Job]) -> AsyncIterator[list[tuple[int, Delta] | type[StopIteration]]]:
-        """The rows of one batch decoded together; yields, per row, its next delta (or StopIteration once it
-        has ended) each time the decoder hands back tokens. The device work runs in a thread, so the replica
-        goes on taking requests meanwhile."""
+    async def decode(self, job: Job) -> AsyncIterator[tuple[int, Delta]]:
+        """`job`'s deltas as the scheduler decodes them, with how many rows shared the decode."""
+        if self.scheduler is None or self.scheduler.done():
+            self.arrived = asyncio.Event()
+            self.scheduler = asyncio.create_task(self.schedule())
+        self.waiting.append(job)
+        self.arrived.set()
+        try:
+            while (item := await job.out.get()) is not None:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            job.abandoned = True
+
+    async def schedule(self) -> None:
+        """Forever: wait for rows, let a batch window gather more, decode them with those that join."""
+        while True:
+            while not self.waiting:
+                self.arrived.clear()
+                await self.arrived.wait()
+            deadline = asyncio.get_running_loop().time() + self.batch_wait_s
+            while len(self.waiting) < self.max_batch_size:
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    break
+                self.arrived.clear()
+                try:
+                    await asyncio.wait_for(self.arrived.wait(), left)
+                except TimeoutError:
+                    break
+            jobs = [self.waiting.popleft() for _ in range(min(self.max_batch_size, len(self.waiting)))]
+            await self.run_batch(jobs)
+
+    async def run_batch(self, jobs: list[Job]) -> None:
+        """`jobs` decoded together until every row has ended, rows that arrive meanwhile joining freed slots. A
+        failed decode fails the requests it was decoding, never the replica."""
         model = self.model
-        batch = await asyncio.to_thread(RowBatch, model.params, model.config, model.runtime,
-                                        [job.row for job in jobs], score_prompts=any(j.request.scores_prompt
-                                                                                     for j in jobs))
-        answers = [
-            Completion(model.tokenizer, job.row.prompt, job.row.max_new_tokens, job.request.stop, job.request.echo,
-                       job.request.logprobs, batch.prompt_scores[i] if batch.prompt_scores else None)
-            for i, job in enumerate(jobs)
-        ]
-        ended = [False] * len(jobs)
-        while not all(ended):
-            new = await asyncio.to_thread(batch.advance, STEPS_PER_CALL)
-            done = batch.done
-            out: list[tuple[int, Delta] | type[StopIteration]] = []
-            for i, answer in enumerate(answers):
-                if ended[i]:
-                    out.append(StopIteration)
-                    continue
-                delta = answer.add(new[i], done[i])
-                if delta.finish_reason is not None:
-                    ended[i] = True
-                    if not done[i]:
-                        batch.stop(i)  # a stop string: the row needs no more tokens
-                out.append((len(jobs), delta))
-            yield out
+        active: dict[int, tuple[Job, Completion]] = {}
+        unfinished = list(jobs)
+        try:
+            batch = await asyncio.to_thread(RowBatch, model.params, model.config, model.runtime,
+                                            [job.row for job in jobs],
+                                            score_prompts=any(job.request.scores_prompt for job in jobs))
+            self.start(active, list(range(len(jobs))), jobs, batch.prompt_scores)
+            while active:
+                if len(active) + len(self.waiting) > batch.slots and batch.slots < self.max_batch_size:
+                    await asyncio.to_thread(batch.grow, self.max_batch_size)  # to the top: few shapes
+                free = [slot for slot in range(batch.slots) if slot not in active]
+                joining = []
+                while len(joining) < len(free) and self.waiting and batch.fits(self.waiting[0].row):
+                    joining.append(self.waiting.popleft())
+                if joining:
+                    unfinished += joining
+                    scores = await asyncio.to_thread(batch.admit, [job.row for job in joining],
+                                                     free[: len(joining)],
+                                                     any(job.request.scores_prompt for job in joining))
+                    self.start(active, free[: len(joining)], joining, scores)
+                new = await asyncio.to_thread(batch.advance, STEPS_PER_CALL)
+                done, shared = batch.done, len(active)
+                for slot, (job, answer) in list(active.items()):
+                    ended = job.abandoned
+                    if not ended:
+                        delta = answer.add(new[slot], done[slot])
+                        job.out.put_nowait((shared, delta))
+                        ended = delta.finish_reason is not None
+                    if ended:
+                        if not done[slot]:
+                            batch.stop(slot)  # a stop string, or the client left: the row needs no more tokens
+                        job.out.put_nowait(None)
+                        unfinished.remove(job)
+                        del active[slot]
+        except Exception as error:
+            log.exception("a batch failed; its %d unfinished requests fail with it", len(unfinished))
+            for job in unfinished:
+                job.out.put_nowait(error)
+
+    def start(self, active: dict[int, tuple[Job, Completion]], slots: list[int], jobs: list[Job],
+              prompt_scores: list) -> None:
+        """Follow each of `jobs`, whose rows now decode in `slots`."""
+        tokenizer = self.model.tokenizer
+        for i, (slot, job) in enumerate(zip(slots, jobs, strict=True)):
+            request = job.request
+            active[slot] = (job, Completion(tokenizer, job.row.prompt, job.row.max_new_tokens, request.stop,
+                                            request.echo, request.logprobs,
+                                            prompt_scores[i] if prompt_scores else None))
 
 
 def deployment(settings: ServeConfig, api_key: str | None) -> serve.Application:

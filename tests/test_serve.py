@@ -143,6 +143,25 @@ def test_concurrent_requests_are_decoded_in_one_batch_with_the_answers_they_get_
     assert [r.json()["choices"][0]["text"] for r in together] == [r.json()["choices"][0]["text"] for r in alone]
 
 
+def test_a_request_joins_a_batch_already_decoding_and_gets_the_answer_it_gets_alone(server):
+    """Continuous batching: a long streamed completion is decoding when a short one arrives; the short one
+    takes a free slot of that batch (it shares the decode) instead of waiting for it to end."""
+    long = {"model": NAME, "prompt": "The", "max_tokens": 200, "temperature": 0}
+    short = {"model": NAME, "prompt": "word word", "max_tokens": 12, "temperature": 0}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with requests.post(f"{server.url}/completions", json={**long, "stream": True}, headers=headers, stream=True,
+                       timeout=120) as streamed:
+        events = streamed.iter_lines()
+        first = next(line for line in events if line)  # the long row is decoding now
+        joined = server.post(short)
+        rest = [line for line in events if line]
+    assert joined.status_code == 200 and int(joined.headers["openllama-batch-rows"]) == 2
+    assert rest[-1] == b"data: [DONE]"
+    texts = [json.loads(line[len(b"data: "):])["choices"][0]["text"] for line in [first, *rest[:-1]]]
+    assert "".join(texts) == server.post(long).json()["choices"][0]["text"]
+    assert joined.json()["choices"][0]["text"] == server.post(short).json()["choices"][0]["text"]
+
+
 BAD_REQUESTS = {
     "unknown model": ({"model": "gpt-4", "prompt": "hi"}, "model"),
     "max_tokens beyond the context": ({"model": NAME, "prompt": "hi", "max_tokens": 300}, "max_tokens"),
