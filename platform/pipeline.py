@@ -1,6 +1,6 @@
 """`openllama pipeline` (what `make demo` runs): every stage, as Ray jobs, on a local Ray head and MLflow.
 
-    texts -> dedup -> tokenizer -> data -> train -> eval -> export -> generate
+    texts -> dedup -> tokenizer -> data -> train -> eval -> export -> generate, then the endpoint
 
 `texts` (openllama eval texts) writes the item texts of the tasks the eval stage runs; `dedup` (openllama
 data dedup) filters the corpus, decontaminates it against those texts and deduplicates it; the tokenizer
@@ -12,6 +12,10 @@ would run it on a cluster. A stage is skipped when its ledger entry (OUT/ledger/
 `openllama.data.work`) says it already finished with the same key: a content hash of its inputs, its command
 line and the code. A stage whose key changed starts from clean outputs; one that crashed with the same key is
 resumed by its own command.
+
+The endpoint: after the stages, `openllama serve RUN_DIR --detach` (a Ray job too) puts the trained model
+behind OpenAI's completions API on the cluster's head, on 127.0.0.1 at the port it had before (OUT/services/
+serve.json), and the pipeline's last line is a `curl` against it. `--down` (`make down`) deletes it first.
 
 Lineage: after the stages ran, the pipeline ties their MLflow runs together with tags (see docs/platform.md):
 data run (tokenizer and manifest as artifacts, their hashes) <- train run (dataset/tokenizer hashes, git
@@ -49,6 +53,7 @@ PROMPT = r"Q: What is the largest animal?\nA:"  # `openllama generate` turns \n 
 CODE_DIRS = ("platform", "data", "train", "eval", "configs")
 CODE_SUFFIXES = {".py", ".yaml", ".yml"}
 RUN_NAME = "pipeline-tiny"
+SERVE_STATE = "serve.json"  # the endpoint's port and the job API it was deployed through
 EVAL_TASKS = "openllama_local"  # what the eval stage runs, and so what the corpus is decontaminated against
 
 
@@ -259,6 +264,42 @@ def record_lineage(client: Any, out: Path, ledgers: dict[str, dict], commit: str
     return runs
 
 
+def start_endpoint(runner: Runner, state: Path, run_dir: Path) -> str:
+    """Serve the run's newest checkpoint (`openllama serve --detach`, as a Ray job) at the port it had before,
+    so that a rerun replaces it in place; returns the line it printed (its URL and a `curl`)."""
+    record = files.read_json(state / SERVE_STATE) if (state / SERVE_STATE).exists() else {}
+    port = record.get("port") or services.free_port()
+    files.write_json(state / SERVE_STATE, {"port": port, "api_url": runner.api_url})
+    # no CPU reserved: the endpoint idles between requests, and a rerun's training needs the head's CPUs
+    command = ["openllama", "serve", str(run_dir), "--detach", "--port", str(port), "--name", RUN_NAME,
+               "--num-cpus", "0"]
+    output = ray_jobs.submit(command, api_url=runner.api_url, env=runner.client_env, working_dir=REPO,
+                             submission_id=f"openllama-serve-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+                             env_vars=runner.job_env, log_path=runner.out / "logs" / "serve.log", echo=None)
+    return next(line for line in reversed(output.splitlines()) if line.startswith("openllama serve:"))
+
+
+def stop_endpoint(state: Path) -> str | None:
+    """Delete the endpoint `start_endpoint` recorded (`openllama serve --stop`, as a Ray job on the cluster it
+    was deployed through: the recorded local head, or an existing cluster); what was stopped."""
+    if not (state / SERVE_STATE).exists():
+        return None
+    record = files.read_json(state / SERVE_STATE)
+    head = services.read_ray_head(state)
+    try:
+        env = {**os.environ, **head.env} if head is not None and head.pids() else ray_jobs.client_env(record["api_url"])
+        ray_jobs.submit(["openllama", "serve", "--stop"], api_url=record["api_url"], env=env, working_dir=REPO,
+                        submission_id=f"openllama-serve-stop-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+                        log_path=state.parent / "logs" / "serve.log", echo=None)
+    except ray_jobs.RayAuthError as error:
+        raise commands.WorkFailed(str(error)) from error
+    except (ConnectionError, ray_jobs.JobFailed) as error:  # the cluster is gone, and the endpoint with it
+        files.remove_file(state / SERVE_STATE)
+        return f"endpoint on port {record['port']} (could not reach {record['api_url']}: record removed; {error})"
+    files.remove_file(state / SERVE_STATE)
+    return f"endpoint http://127.0.0.1:{record['port']}/v1"
+
+
 def start_services(state: Path) -> tuple[services.RayHead, services.MlflowServer]:
     """The recorded local services when they still run, else new ones."""
     head = services.read_ray_head(state)
@@ -290,7 +331,7 @@ class PipelineConfig:
     # an existing cluster's job API, e.g. http://127.0.0.1:8265, whose outputs folder this machine shares;
     # RAY_API_SERVER_ADDRESS when not given; None: start (or reuse) a Ray head on 127.0.0.1
     api_address: str | None = field(default_factory=lambda: os.environ.get("RAY_API_SERVER_ADDRESS"))
-    down: bool = False  # stop the services recorded in `out` and exit
+    down: bool = False  # stop the endpoint and the services recorded in `out`, and exit
 
 
 def pipeline_command(config: PipelineConfig) -> int:
@@ -304,7 +345,8 @@ def run_pipeline(config: PipelineConfig) -> int:
     out = Path(config.out).absolute()
     state = out / "services"
     if config.down:
-        stopped = services.stop_all(state)
+        stopped = [stop_endpoint(state), *services.stop_all(state)]
+        stopped = [what for what in stopped if what]
         print("\n".join(f"stopped {s}" for s in stopped) or f"no services recorded in {state}")
         return 0
     corpus = Path(config.corpus).absolute()
@@ -355,8 +397,14 @@ def run_pipeline(config: PipelineConfig) -> int:
         f"  outputs        {out}/tokenizer, dataset, train/{RUN_NAME}, eval, hf, generate/output.txt",
         f"  job logs       {out}/logs/STAGE.log   ledgers {out}/ledger/STAGE.json   runs {out}/lineage.json",
     ]
-    if head:
-        summary.append(f"  stop services  make down   (or: openllama pipeline --out {config.out} --down)")
+    api_flag = f" --api-address {config.api_address}" if config.api_address else ""
+    summary.append(f"  stop           make down   (or: openllama pipeline --out {config.out} --down{api_flag}): the "
+                   f"endpoint{', Ray and MLflow' if head else ''}")
     print("\n".join(summary))
     print("\ngenerated:\n" + (out / "generate" / "output.txt").read_text())
+    try:
+        endpoint = start_endpoint(runner, state, next(s for s in stages if s.name == "train").outputs[0])
+    except ray_jobs.JobFailed as error:
+        raise commands.WorkFailed(f"the endpoint did not start: {error}") from error
+    print(endpoint.replace("openllama serve: ", "endpoint: ", 1))
     return 0

@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import requests
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample" / "redpajama"
@@ -47,10 +48,26 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, corpus, ray_head, mlflow_server):
+    """The pipeline's run; afterwards `--down` (what `make down` runs) deletes the endpoint it left up."""
     out = tmp_path_factory.mktemp("pipeline")
     result = run_pipeline(out, corpus, ray_head, mlflow_server)
     assert result.returncode == 0, f"pipeline failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
-    return out, result
+    yield out, result
+    url = endpoint_of(result)[0]
+    down = subprocess.run([sys.executable, "-m", "openllama.cli", "pipeline", "--out", str(out), "--down"],
+                          env={**os.environ, **ray_head.env}, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert down.returncode == 0 and f"stopped endpoint {url}" in down.stdout, down.stdout + down.stderr[-3000:]
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{url}/models", timeout=5)
+
+
+def endpoint_of(result: subprocess.CompletedProcess) -> tuple[str, dict]:
+    """The endpoint's URL and the body of the `curl` in the pipeline's last line."""
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("endpoint: pipeline-tiny at http://127.0.0.1:"), last
+    url = re.search(r" at (http://127\.0\.0\.1:\d+/v1) ", last).group(1)
+    assert f"curl {url}/completions -H 'Content-Type: application/json' -d '" in last
+    return url, json.loads(last.rsplit(" -d ", 1)[1].strip("'"))
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +102,14 @@ def test_the_pipeline_prints_a_line_per_stage_and_where_to_look_not_the_jobs_log
         assert any(line.split()[:2] == [stage, "done"] for line in printed if line.strip()), stage
     assert any("MLflow UI" in line for line in printed)
     assert (out / "logs" / "train.log").read_text().count("step ") >= 2  # the job's own output is in its log
+
+
+def test_the_pipeline_ends_with_the_trained_model_behind_an_endpoint_and_its_curl(demo):
+    _, result = demo
+    url, body = endpoint_of(result)
+    answer = requests.post(f"{url}/completions", json=body, timeout=120)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["model"] == "pipeline-tiny" and answer.json()["usage"]["completion_tokens"] >= 1
 
 
 def test_data_run_holds_the_tokenizer_and_manifest_with_their_hashes(demo, lineage, client):
