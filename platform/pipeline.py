@@ -266,7 +266,7 @@ def record_lineage(client: Any, out: Path, ledgers: dict[str, dict], commit: str
 
 def start_endpoint(runner: Runner, state: Path, run_dir: Path) -> str:
     """Serve the run's newest checkpoint (`openllama serve --detach`, as a Ray job) at the port it had before,
-    so that a rerun replaces it in place; returns the line it printed (its URL and a `curl`)."""
+    so that a rerun replaces it in place; returns the line to end with: its URL and the `curl` it printed."""
     record = files.read_json(state / SERVE_STATE) if (state / SERVE_STATE).exists() else {}
     port = record.get("port") or services.free_port()
     files.write_json(state / SERVE_STATE, {"port": port, "api_url": runner.api_url})
@@ -276,7 +276,9 @@ def start_endpoint(runner: Runner, state: Path, run_dir: Path) -> str:
     output = ray_jobs.submit(command, api_url=runner.api_url, env=runner.client_env, working_dir=REPO,
                              submission_id=f"openllama-serve-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
                              env_vars=runner.job_env, log_path=runner.out / "logs" / "serve.log", echo=None)
-    return next(line for line in reversed(output.splitlines()) if line.startswith("openllama serve:"))
+    started = next(line for line in reversed(output.splitlines()) if line.startswith("openllama serve:"))
+    curl = started.split("try: ", 1)[1]
+    return f"endpoint: {RUN_NAME} at http://127.0.0.1:{port}/v1 (make down ends it); try: {curl}"
 
 
 def stop_endpoint(state: Path) -> str | None:
@@ -406,5 +408,5 @@ def run_pipeline(config: PipelineConfig) -> int:
         endpoint = start_endpoint(runner, state, next(s for s in stages if s.name == "train").outputs[0])
     except ray_jobs.JobFailed as error:
         raise commands.WorkFailed(f"the endpoint did not start: {error}") from error
-    print(endpoint.replace("openllama serve: ", "endpoint: ", 1))
+    print(endpoint)
     return 0
