@@ -135,7 +135,8 @@ def test_config_show_prints_exactly_the_fields_the_parser_sets(verb, capsys):
 
 
 @pytest.mark.parametrize("verb", CONFIGURED)
-def test_each_flag_builds_the_config_its_set_override_builds(verb):
+def test_each_flag_builds_the_config_its_set_override_builds(verb, monkeypatch):
+    monkeypatch.setenv("OPENLLAMA_API_KEY", "sample-key")  # serve listens on a sample host only with a key
     cls = config_class(verb)
     hints = typing.get_type_hints(cls)
     fields = settable_fields(cls)

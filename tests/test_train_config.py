@@ -12,7 +12,7 @@ from openllama.train.config import load_config, mesh_shape, validate
 def test_published_presets_follow_the_openllama_recipe(preset):
     config = load_config(preset)
     o, t = config.optimizer, config.train
-    assert (o.b1, o.b2, o.weight_decay, o.clip_norm) == (0.9, 0.95, 0.1, 1.0)
+    assert (o.b1, o.b2, o.weight_decay, o.clip_norm, o.decay) == (0.9, 0.95, 0.1, 1.0, "all")  # EasyLM: no mask
     assert (o.peak_lr, o.end_lr, o.warmup_steps) == (3e-4, 3e-5, 2000)
     assert (t.seq_len, t.global_batch_size) == (2048, 2048)
     assert t.global_batch_size * t.seq_len == 4_194_304

@@ -14,8 +14,10 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.sharding import PartitionSpec as P
 
-from openllama.train.plan import collective_bytes, executed_flops, group_size, sent_bytes
+from openllama.train import kernels
+from openllama.train.plan import collective_bytes, executed_flops, fsdp_minimum_bytes, group_size, sent_bytes
 
 TINY_ON = {
     "v4-8": ["scaling.topology=2x2x1", "scaling.num_workers=1"],
@@ -69,7 +71,7 @@ def test_collectives_are_counted_on_a_multi_host_slice(planned):
     if planned["slice"] == "v4-8":
         pytest.skip("measured on the multi-host slice")
     assert planned["collective_bytes_per_step"] > 0 and planned["fsdp_minimum_bytes_per_step"] > 0
-    assert planned["collective_bytes_by_kind"]["all-gather"] > 0
+    assert sum(v for k, v in planned["collective_bytes_by_kind"].items() if k.startswith("all-gather ")) > 0
 
 
 def test_a_step_that_does_not_fit_exits_1_and_says_so():
@@ -78,6 +80,17 @@ def test_a_step_that_does_not_fit_exits_1_and_says_so():
     assert done.returncode == 1, done.stderr[-3000:]
     assert "DOES NOT FIT" in done.stdout
     assert "Ray: 1 workers x 4 chips = 4 chips of v4-8 (2x2x1)" in done.stdout
+
+
+def test_fits_means_within_the_hbm_limit_and_the_exit_code_follows(planned):
+    """80% of HBM by default; a step that fits the chip but not the limit is exit 1."""
+    assert planned["hbm_limit"] == 0.8
+    share = planned["hbm_needed_bytes"] / planned["hbm_capacity_bytes"]
+    done = plan("tiny-cpu", *TINY, *TINY_ON["v4-8"], "--hbm-limit", f"{share / 2:.6f}")
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert f"({share:.0%}): DOES NOT FIT within {share / 2:.0%}" in done.stdout
+    refused = plan("tiny-cpu", *TINY, *TINY_ON["v4-8"], "--hbm-limit", "1.5")
+    assert refused.returncode == 2 and "--hbm-limit=1.5 must be in (0, 1]" in refused.stderr
 
 
 def test_a_config_for_no_tpu_slice_is_bad_input_in_one_line():
@@ -115,6 +128,51 @@ def test_flops_count_products_in_scans_remat_and_gradients():
     assert remat == plain + product  # the backward pass runs x @ y again for tanh's input
 
 
+def test_flops_count_a_shard_map_body_once_per_shard():
+    mesh = jax.sharding.AbstractMesh((4,), ("x",))
+    a, b = jnp.ones((8, 16)), jnp.ones((16, 32))
+    per_shard = jax.shard_map(lambda x, y: x @ y, mesh=mesh, in_specs=(P("x"), P()), out_specs=P("x"))
+    assert executed_flops(jax.make_jaxpr(per_shard)(a, b).jaxpr) == 4 * (2 * 2 * 16 * 32)  # 4 shards of 2 rows
+
+
+def test_flops_count_a_while_loop_by_its_trips_and_refuse_one_they_cannot_read():
+    a, b = jnp.ones((8, 16)), jnp.ones((16, 32))
+    product = 2 * 8 * 16 * 32
+
+    def loop(test, start=0, step=1):
+        return lambda x, y: jax.lax.while_loop(test, lambda c: (c[0] + step, c[1] @ y @ y.T), (start, x))[1]
+
+    def counted(f):
+        return executed_flops(jax.make_jaxpr(f)(a, b).jaxpr)
+
+    assert counted(loop(lambda c: c[0] < 5)) == 5 * 2 * product
+    assert counted(loop(lambda c: c[0] <= 5, start=1)) == 5 * 2 * product
+    assert counted(loop(lambda c: c[0] < 7, step=3)) == 3 * 2 * product  # 0, 3, 6
+    with pytest.raises(ValueError, match="trip count is not a constant"):
+        counted(loop(lambda c: jnp.sum(c[1]) < 5.0))  # runs until its values say
+    no_products = jax.lax.while_loop(lambda c: jnp.sum(c) < 5.0, lambda c: c + 1.0, a)  # nothing to count
+    assert executed_flops(jax.make_jaxpr(lambda x: no_products)(a).jaxpr) == 0
+
+
+def test_flops_of_splash_over_several_blocks_count_the_causal_blocks_it_visits():
+    """Splash traced (interpreted on CPU) over 4 blocks a side: of 16 query x key blocks, the 10 on or below the
+    diagonal are computed, forward (q.k, p.v) and backward (dq: 3 products, dkv: 4)."""
+    batch, heads, head_dim, blocks = 1, 2, 128, 4
+    seq = blocks * kernels.SPLASH_BLOCK
+    q = jax.ShapeDtypeStruct((batch, seq, heads, head_dim), jnp.bfloat16)
+    visited = sum(1 for i in range(blocks) for j in range(blocks) if j <= i)
+    one_block_product = 2 * batch * heads * kernels.SPLASH_BLOCK**2 * head_dim
+    forward = executed_flops(jax.make_jaxpr(kernels._splash_local)(q, q, q).jaxpr)
+    assert forward == 2 * visited * one_block_product
+
+    def loss(q, k, v):
+        return kernels._splash_local(q, k, v).astype(jnp.float32).sum()
+
+    both = executed_flops(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, q, q).jaxpr)
+    row_sums = 2 * batch * heads * seq * head_dim  # the backward's sum(dO * O) per row, a product outside the kernels
+    assert both == (2 + 3 + 4) * visited * one_block_product + row_sums
+
+
 HLO = """HloModule step
 
 %body (p: (s32[], f32[1024])) -> (s32[], f32[1024]) {
@@ -138,6 +196,7 @@ ENTRY %main (x: f32[1024], g: bf16[64,32]) -> f32[1024] {
   %w = (s32[], f32[1024]) while(%init), condition=%cond, body=%body
   %rs = bf16[16,32]{1,0} reduce-scatter(%g), channel_id=2, replica_groups=[1,4]<=[4], dimensions={0}, to_apply=%add
   %ar = f32[1024]{0} all-reduce(%x), replica_groups=mesh['axis_0'=2,'axis_1'=2] {'axis_0','axis_1'}, to_apply=%add
+  %a2a = (f32[8]{0}, bf16[8]{0}) all-to-all(%x8, %g8), replica_groups={{0,1,2,3}}
   ROOT %cp = f32[1024]{0} collective-permute(%ar), channel_id=4, source_target_pairs={{0,1},{1,2},{2,3},{3,0}}
 }
 """
@@ -145,10 +204,21 @@ ENTRY %main (x: f32[1024], g: bf16[64,32]) -> f32[1024] {
 
 def test_collective_bytes_of_a_program_written_from_the_hlo_text_format():
     sent = collective_bytes(HLO)
-    assert sent["all-gather"] == 6 * 4096 * 3 / 4  # in a loop of 6: a 4 KiB result, 3 of its 4 parts come in
-    assert sent["reduce-scatter"] == 16 * 32 * 2 * 3  # its bf16 [16, 32] result came from 4 such parts
-    assert sent["all-reduce"] == 2 * 4096 * 3 / 4
-    assert sent["collective-permute"] == 4096
+    assert sent.pop("all-gather f32") == 6 * 4096 * 3 / 4  # in a loop of 6: a 4 KiB result, 3 of its 4 parts come in
+    assert sent.pop("reduce-scatter bf16") == 16 * 32 * 2 * 3  # its bf16 [16, 32] result came from 4 such parts
+    assert sent.pop("all-reduce f32") == 2 * 4096 * 3 / 4
+    assert sent.pop("collective-permute f32") == 4096
+    # one all-to-all of two arrays, each element type counted on its own
+    assert sent == {"all-to-all f32": 8 * 4 * 3 / 4, "all-to-all bf16": 8 * 2 * 3 / 4}
+
+
+def test_fsdp_minimum_gathers_in_the_products_dtype_and_reduces_gradients_in_the_parameters():
+    params, chips = 7_000_000_000, 256
+    fp32, bf16 = fsdp_minimum_bytes(params, chips, 1, 4, 4), fsdp_minimum_bytes(params, chips, 1, 2, 4)
+    assert fp32 == 3 * 4 * params * 255 / 256  # two gathers and one reduce-scatter, all float32
+    assert bf16 == (2 * 2 + 4) * params * 255 / 256  # the gathers in bfloat16: a third less in all
+    # dp 4 x fsdp 64: gathers within 64 chips, then each gradient shard all-reduced over the 4 groups
+    assert fsdp_minimum_bytes(params, 64, 4, 2, 4) == 8 * params * 63 / 64 + 2 * 4 * params / 64 * 3 / 4
 
 
 def test_replica_groups_in_every_notation_give_their_group_size():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import pytest
 
 from openllama.train.model import DEFAULT_RUNTIME, LlamaConfig, init_params
 from openllama.train.step import decay_mask, learning_rate, make_optimizer, make_train_step
@@ -56,10 +58,26 @@ def test_weight_decay_applies_to_kernels_only_by_default():
     assert mask["embed_tokens"]["embedding"] is False
 
 
-def test_weight_decay_on_embeddings_is_a_setting():
-    mask = decay_mask(init_params(CONFIG, 0), decay_embeddings=True)
+def test_weight_decay_on_embeddings_or_on_everything_is_a_setting():
+    mask = decay_mask(init_params(CONFIG, 0), "kernels_and_embeddings")
     assert mask["embed_tokens"]["embedding"] is True
     assert mask["norm"]["weight"] is False
+    assert all(jax.tree.leaves(decay_mask(init_params(CONFIG, 0), "all")))  # EasyLM's AdamW: no mask
+    with pytest.raises(ValueError, match="decay='norms' must be one of all, kernels, kernels_and_embeddings"):
+        decay_mask(init_params(CONFIG, 0), "norms")
+
+
+@pytest.mark.parametrize("decay", ["all", "kernels"])
+def test_with_no_gradient_only_the_decayed_parameters_shrink(decay):
+    """One AdamW update with zero gradients moves a parameter only by its decay: lr x weight_decay x value."""
+    params = init_params(CONFIG, 0)
+    optimizer = make_optimizer(optax.constant_schedule(0.1), b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.5,
+                               clip_norm=1.0, decay=decay)
+    updates, _ = optimizer.update(jax.tree.map(jnp.zeros_like, params), optimizer.init(params), params)
+    after = optax.apply_updates(params, updates)
+    gain, kernel = after["norm"]["weight"], after["lm_head"]["kernel"]
+    np.testing.assert_allclose(kernel, params["lm_head"]["kernel"] * (1 - 0.1 * 0.5), rtol=1e-6)
+    np.testing.assert_allclose(gain, params["norm"]["weight"] * ((1 - 0.05) if decay == "all" else 1), rtol=1e-6)
 
 
 def test_nonfinite_update_is_skipped_when_asked():

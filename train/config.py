@@ -71,7 +71,9 @@ class OptimizerSection:
     eps: float = 1e-8
     weight_decay: float = 0.1
     clip_norm: float = 1.0
-    decay_embeddings: bool = False  # weight decay on token embeddings (norms are never decayed)
+    # which parameters weight decay applies to: all (EasyLM's, so OpenLLaMA's and the presets'), kernels (the
+    # matmul kernels: not the norm gains nor the embeddings), kernels_and_embeddings
+    decay: Literal["all", "kernels", "kernels_and_embeddings"] = "kernels"
 
 
 @dataclass

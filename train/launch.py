@@ -195,13 +195,13 @@ def open_tracking_run(config: TrainConfig) -> str | None:
 def log_training_dataset(config: TrainConfig, run_id: str) -> None:
     """The packed dataset as the run's MLflow dataset input: its path, its manifest's sha256 and, as its
     profile, the tokens and rows of each subset per split (what the mixture samples from)."""
-    manifest = Manifest.read(config.data.path)
-    profile: dict[str, dict[str, dict[str, int]]] = {}
-    for shard in manifest["shards"]:
-        entry = profile.setdefault(shard["split"], {}).setdefault(shard["subset"], {"tokens": 0, "rows": 0})
-        entry["tokens"] += shard["tokens"]
-        entry["rows"] += shard["rows"]
     try:
+        manifest = Manifest.read(config.data.path)
+        profile: dict[str, dict[str, dict[str, int]]] = {}
+        for shard in manifest["shards"]:
+            entry = profile.setdefault(shard["split"], {}).setdefault(shard["subset"], {"tokens": 0, "rows": 0})
+            entry["tokens"] += shard["tokens"]
+            entry["rows"] += shard["rows"]
         tracking.log_dataset(run_id, Path(config.data.path.rstrip("/")).name, config.data.path,
                              files.sha256_of(Manifest.location(config.data.path)), "training",
                              {"seq_len": manifest["seq_len"], **profile})

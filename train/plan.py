@@ -12,10 +12,12 @@ compiled for them. What the compiler reports, per chip:
   blocks they visit. Compared with the model's 6N + attention FLOPs.
 - Collective traffic, read from the compiled program with loops multiplied out: the bytes each chip
   sends for every all-gather, reduce-scatter, all-reduce, all-to-all and collective-permute (the compiler
-  turns FSDP's gathers into permutes), compared with FSDP's minimum (gather the parameters forward and
-  backward, reduce-scatter the gradients).
+  turns FSDP's gathers into permutes), by element type, compared with FSDP's minimum (`fsdp_minimum_bytes`:
+  gather the weights forward and backward in the dtype their products use, reduce-scatter the gradients).
 
-Exit 0 when the step fits, 1 when it does not, 2 for a config that cannot run on its slice at all.
+Exit 0 when the step fits within `--hbm-limit` of a chip's HBM (default 80%: the rest is headroom for
+XLA's runtime buffers, fragmentation and the compiler's estimate), 1 when it does not, 2 for a config that
+cannot run on its slice at all.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from openllama.train.program import make_program
 from openllama.train.tpu import Slice, check_slice
 
 GiB = 2**30
+HBM_LIMIT = 0.8  # the share of a chip's HBM a step may plan to use and still "fit"
 SPLASH_PRODUCTS = {"fwd": 2, "dq": 3, "dkv": 4}  # q.k and p.v forward; recompute + gradient products backward
 
 
@@ -54,15 +57,16 @@ class StepPlan:
     topology: str
     devices: int
     mesh: dict[str, int]
-    fits: bool
+    fits: bool  # within hbm_limit of the chip's HBM
     hbm_needed_bytes: int
     hbm_capacity_bytes: int
+    hbm_limit: float
     memory: dict[str, int]  # the compiler's arguments, outputs, aliased and temporaries, per chip
     host_bytes: int  # the host memory each chip's step takes (offloaded activations), beside its HBM
     executed_flops_per_step: float  # over the whole slice
     model_flops_per_step: float
     collective_bytes_per_step: float  # sent by each chip
-    collective_bytes_by_kind: dict[str, float]
+    collective_bytes_by_kind: dict[str, float]  # by collective and element type: "all-gather bf16"
     fsdp_minimum_bytes_per_step: float
     compile_seconds: float
     kernels: str
@@ -105,8 +109,8 @@ def target_slice(config: TrainConfig) -> Slice:
     return check_slice(config.scaling.num_workers, config.scaling.accelerator_type, config.scaling.topology)
 
 
-def plan(config: TrainConfig, name: str) -> StepPlan:
-    """Compile `config`'s train step for its slice and measure it."""
+def plan(config: TrainConfig, name: str, hbm_limit: float = HBM_LIMIT) -> StepPlan:
+    """Compile `config`'s train step for its slice and measure it; it fits within `hbm_limit` of HBM."""
     tpu = target_slice(config)
     llama, runtime = config.llama(), config.runtime()
     runtime = dataclasses.replace(runtime, kernels=kernels.for_platform(runtime.kernels, "tpu"))
@@ -136,18 +140,30 @@ def plan(config: TrainConfig, name: str) -> StepPlan:
         sizes = {"arguments": state_bytes, "outputs": state_bytes, "aliased": state_bytes, "temporaries": refused}
         host, by_kind = 0, {}
     needed = sizes["arguments"] + sizes["outputs"] - sizes["aliased"] + sizes["temporaries"]
-    params = llama.num_params()
-    gathered = np.dtype(runtime.param_dtype).itemsize * params * (tpu.chips - 1) / tpu.chips
+    shape = dict(program.mesh.shape)
+    minimum = fsdp_minimum_bytes(llama.num_params(), shape["fsdp"], shape["dp"], np.dtype(runtime.dtype).itemsize,
+                                 np.dtype(runtime.param_dtype).itemsize)
     return StepPlan(
         config=name, slice=tpu.name, topology=tpu.topology, devices=len(devices), mesh=dict(program.mesh.shape),
-        fits=needed <= tpu.hbm_bytes, hbm_needed_bytes=int(needed), hbm_capacity_bytes=tpu.hbm_bytes,
+        fits=needed <= hbm_limit * tpu.hbm_bytes, hbm_needed_bytes=int(needed), hbm_capacity_bytes=tpu.hbm_bytes,
+        hbm_limit=hbm_limit,
         memory=sizes, host_bytes=int(host), executed_flops_per_step=executed_flops(jaxpr.jaxpr),
         model_flops_per_step=llama.flops_per_token(config.train.seq_len) * config.train.global_batch_size
         * config.train.seq_len,
         collective_bytes_per_step=sum(by_kind.values()), collective_bytes_by_kind=by_kind,
-        fsdp_minimum_bytes_per_step=3 * gathered, compile_seconds=seconds, kernels=runtime.kernels,
+        fsdp_minimum_bytes_per_step=minimum, compile_seconds=seconds, kernels=runtime.kernels,
         remat_policy=runtime.remat_policy,
     )
+
+
+def fsdp_minimum_bytes(params: int, fsdp: int, dp: int, compute_itemsize: int, param_itemsize: int) -> float:
+    """What each chip must send per step under FSDP: gather every weight for the forward and again for the
+    backward, in the dtype its product uses (each weight is cast before the product), and reduce-scatter the
+    gradients in the parameters' dtype, over the fsdp axis; then, with dp > 1, all-reduce each chip's gradient
+    shard over dp."""
+    share = (fsdp - 1) / fsdp
+    fsdp_bytes = (2 * compute_itemsize + param_itemsize) * params * share
+    return fsdp_bytes + 2 * param_itemsize * (params / fsdp) * (dp - 1) / dp
 
 
 def too_large(message: str) -> int:
@@ -171,7 +187,8 @@ def executed_flops(jaxpr: Any) -> float:
         elif name == "pallas_call":
             total += pallas_flops(eqn)
         else:
-            total += sum(executed_flops(sub) for sub in sub_jaxprs(eqn)) * repeats(eqn)
+            inner = sum(executed_flops(sub) for sub in sub_jaxprs(eqn))
+            total += inner * repeats(eqn) if inner else 0.0
     return total
 
 
@@ -211,13 +228,48 @@ def sub_jaxprs(eqn: Any) -> Iterator[Any]:
 
 
 def repeats(eqn: Any) -> int:
-    """How many times an equation's body runs: a scan's length, a shard_map's shards."""
+    """How many times an equation's body runs: a scan's length, a shard_map's shards, a while loop's trips
+    (only asked for when its body has products)."""
     if eqn.primitive.name == "scan":
         return int(eqn.params["length"])
+    if eqn.primitive.name == "while":
+        return while_trips(eqn)
     if eqn.primitive.name == "shard_map":
         mesh, axes = eqn.params["mesh"], eqn.params.get("newly_manual_axes", eqn.params.get("manual_axes", ()))
         return math.prod(mesh.shape[axis] for axis in axes)
     return 1
+
+
+def while_trips(eqn: Any) -> int:
+    """A while loop's trip count, read from its jaxpr: a carried counter that starts at a constant, is raised
+    by a constant each trip and is compared (< or <=) with a constant. Any other loop with products in it is
+    refused: counting its body once (or guessing) would make the executed FLOPs say more than they measure."""
+    params = eqn.params
+    cond, body = params["cond_jaxpr"].jaxpr, params["body_jaxpr"].jaxpr
+    cond_consts, body_consts = params["cond_nconsts"], params["body_nconsts"]
+    carried = eqn.invars[cond_consts + body_consts:]
+
+    def constant(var: Any) -> int | None:
+        value = getattr(var, "val", None) if isinstance(var, jax.extend.core.Literal) else None
+        return int(value) if value is not None and np.ndim(value) == 0 else None
+
+    def producer(jaxpr: Any, var: Any) -> Any:
+        return next((e for e in jaxpr.eqns if any(out is var for out in e.outvars)), None)
+
+    compare = producer(cond, cond.outvars[0])
+    if compare is not None and compare.primitive.name in ("lt", "le") and compare.invars[0] in cond.invars:
+        position = cond.invars.index(compare.invars[0]) - cond_consts
+        bound, start = constant(compare.invars[1]), constant(carried[position]) if position >= 0 else None
+        raise_by = producer(body, body.outvars[position])
+        step = None
+        if raise_by is not None and raise_by.primitive.name == "add" and \
+                raise_by.invars[0] is body.invars[body_consts + position]:
+            step = constant(raise_by.invars[1])
+        if None not in (bound, start, step) and step > 0:
+            end = bound + (compare.primitive.name == "le")
+            return max(0, -(-(end - start) // step))
+    raise ValueError("plan cannot count the FLOPs of a while loop whose trip count is not a constant counter "
+                     "(write it as a scan, or lax.fori_loop with static bounds)")
 
 
 # ------------------------------------------------------------------------------------- collective bytes
@@ -229,12 +281,12 @@ COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "coll
 ITEMSIZE = {"pred": 1, "bf16": 2, "c64": 8, "c128": 16}
 
 
-def array_bytes(shape: str) -> int:
-    """Bytes of every array in an HLO shape (a tuple adds its elements)."""
-    total = 0
+def array_bytes(shape: str) -> dict[str, int]:
+    """Bytes of the arrays in an HLO shape by element type (a tuple adds its elements)."""
+    total: dict[str, int] = {}
     for dtype, dims in ARRAY.findall(shape):
         itemsize = ITEMSIZE.get(dtype) or int(dtype[1:]) // 8
-        total += itemsize * math.prod(int(d) for d in dims.split(",") if d)
+        total[dtype] = total.get(dtype, 0) + itemsize * math.prod(int(d) for d in dims.split(",") if d)
     return total
 
 
@@ -265,7 +317,8 @@ def sent_bytes(kind: str, result_bytes: int, group: int) -> float:
 
 
 def collective_bytes(hlo: str) -> dict[str, float]:
-    """Bytes each device sends per step, by collective kind, with every loop multiplied by its trip count."""
+    """Bytes each device sends per step, by collective kind and element type (`all-gather f32`), with every
+    loop multiplied by its trip count."""
     computations: dict[str, list[str]] = {}
     entry, current = None, None
     for line in hlo.splitlines():
@@ -302,7 +355,8 @@ def collective_bytes(hlo: str) -> dict[str, float]:
             elif base in COLLECTIVES:
                 kind, group = (starts.get(re.match(r"%?([\w.-]+)", rest).group(1), (base, 1))
                                if opcode.endswith("-done") else (base, group_size(rest)))
-                totals[kind] = totals.get(kind, 0.0) + sent_bytes(kind, array_bytes(shape), group)
+                for dtype, size in array_bytes(shape).items():
+                    totals[f"{kind} {dtype}"] = totals.get(f"{kind} {dtype}", 0.0) + sent_bytes(kind, size, group)
             times = 1
             called = re.findall(r"(?:body|to_apply|calls)=%?([\w.-]+)", rest)
             called += re.findall(r"%?([\w.-]+)", m.group(1)) if (m := re.search(r"branch_computations=\{([^}]*)\}",
@@ -327,8 +381,9 @@ def report(result: StepPlan) -> str:
     lines = [
         f"{result.config} on {result.slice} ({result.topology}, {result.devices} chips, mesh {result.mesh}), "
         f"kernels {result.kernels}, remat {result.remat_policy}: compiled in {result.compile_seconds:.0f} s",
-        f"  HBM per chip   {result.hbm_needed_bytes / GiB:.2f} GiB of {result.hbm_capacity_bytes / GiB:.2f} GiB: "
-        f"{'fits' if result.fits else 'DOES NOT FIT'} (arguments {m['arguments'] / GiB:.2f} + outputs "
+        f"  HBM per chip   {result.hbm_needed_bytes / GiB:.2f} GiB of {result.hbm_capacity_bytes / GiB:.2f} GiB "
+        f"({result.hbm_needed_bytes / result.hbm_capacity_bytes:.0%}): {'fits' if result.fits else 'DOES NOT FIT'} "
+        f"within {result.hbm_limit:.0%} (arguments {m['arguments'] / GiB:.2f} + outputs "
         f"{m['outputs'] / GiB:.2f} - aliased {m['aliased'] / GiB:.2f} + temporaries {m['temporaries'] / GiB:.2f})",
         f"  host per chip  {result.host_bytes / GiB:.2f} GiB (activations the remat policy offloads)",
         f"  FLOPs/step     executed {result.executed_flops_per_step:.3e}, model {result.model_flops_per_step:.3e}: "
@@ -344,13 +399,18 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="openllama plan",
         description="Compile a config's train step for its TPU slice on this machine (no TPU needed) and report "
-                    "HBM per chip, executed FLOPs and collective traffic. Exit 1 when the step does not fit.",
+                    "HBM per chip, executed FLOPs and collective traffic. Exit 1 when the step does not fit "
+                    "within --hbm-limit of HBM.",
         epilog=commands.EXIT_CODES,
     )
     parser.add_argument("config", help="a training config name (openllama-7b, ...) or YAML path")
     parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. model.remat_policy=full")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    parser.add_argument("--hbm-limit", type=float, default=HBM_LIMIT, metavar="SHARE",
+                        help=f"the share of a chip's HBM the step may use and fit (default {HBM_LIMIT})")
     args = parser.parse_args(argv)
+    if not 0 < args.hbm_limit <= 1:
+        parser.error(f"--hbm-limit={args.hbm_limit} must be in (0, 1]")
     commands.quiet_libraries()
     jax.config.update("jax_platforms", "cpu")  # the slice's chips are compile-only; nothing runs here
 
@@ -360,7 +420,7 @@ def main(argv: list[str]) -> int:
         if not args.json:
             print(f"Ray: {config.scaling.num_workers} workers x {tpu.chips_per_host} chips = {tpu.chips} chips of "
                   f"{tpu.name} ({tpu.topology}): one worker per host, as Ray Train will place them")
-        result = plan(config, args.config)
+        result = plan(config, args.config, args.hbm_limit)
         print(json.dumps(result.to_json(), indent=2) if args.json else report(result))
         return 0 if result.fits else 1
 

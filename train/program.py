@@ -50,7 +50,7 @@ def make_program(config: TrainConfig, devices: list, runtime: ModelRuntime | Non
     schedule = step.learning_rate(o.peak_lr, o.end_lr, o.warmup_steps, config.decay_steps())
     optimizer = step.make_optimizer(
         schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, clip_norm=o.clip_norm,
-        decay_embeddings=o.decay_embeddings,
+        decay=o.decay,
     )
     params_shape = jax.eval_shape(lambda: init_params(llama, config.train.seed, runtime))
     sharding.check_divisible(params_shape, dict(mesh.shape))

@@ -25,30 +25,35 @@ def learning_rate(peak_lr: float, end_lr: float, warmup_steps: int, decay_steps:
     return optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup_steps, decay_steps, end_lr)
 
 
-def decay_mask(params: Any, decay_embeddings: bool = False) -> Any:
-    """True for the parameters weight decay applies to: matmul kernels (and embeddings when asked).
+DECAYED = ("all", "kernels", "kernels_and_embeddings")  # what `optimizer.decay` can name
 
-    Norm gains are never decayed (decay would pull them toward 0, not toward their init of 1). Embeddings
-    are not decayed by default: a rare token's row gets almost no gradient, so decay alone would shrink it.
+
+def decay_mask(params: Any, decay: str = "kernels") -> Any:
+    """True for the parameters weight decay applies to: every one (`all`: EasyLM's AdamW, which OpenLLaMA
+    was trained with, takes no mask), or the matmul kernels (and the token embeddings when asked).
+
+    Our default leaves out the norm gains (decay pulls them toward 0, not toward their init of 1) and the
+    embeddings (a rare token's row gets almost no gradient, so decay alone would shrink it).
     """
+    if decay not in DECAYED:
+        raise ValueError(f"decay={decay!r} must be one of {', '.join(DECAYED)}")
 
     def decayed(path: tuple, _: Any) -> bool:
         name = path_name(path)
-        return name.endswith("/kernel") or (decay_embeddings and name.endswith("embed_tokens/embedding"))
+        return (decay == "all" or name.endswith("/kernel")
+                or (decay == "kernels_and_embeddings" and name.endswith("embed_tokens/embedding")))
 
     return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def make_optimizer(
     schedule: optax.Schedule, *, b1: float, b2: float, eps: float, weight_decay: float, clip_norm: float,
-    decay_embeddings: bool = False,
+    decay: str = "kernels",
 ) -> optax.GradientTransformation:
     return optax.chain(
         optax.clip_by_global_norm(clip_norm),
-        optax.adamw(
-            schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-            mask=lambda params: decay_mask(params, decay_embeddings),
-        ),
+        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                    mask=lambda params: decay_mask(params, decay)),
     )
 
 

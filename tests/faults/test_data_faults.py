@@ -40,7 +40,7 @@ def assert_ledger_consistent(dataset: Path) -> None:
     """Every unit the ledger calls done has all its shards on disk with the recorded checksum."""
     for entry in (dataset / "units").glob("*.json"):
         unit = json.loads(entry.read_text())
-        assert (dataset / "units" / f"{unit['unit_id']}.tails.npz").is_file(), entry
+        assert (dataset / "units" / f"{unit['unit']}.tails.npz").is_file(), entry
         for shard in unit["shards"]:
             assert sha256(dataset / shard["path"]) == shard["sha256"], (entry, shard["path"])
 

@@ -202,7 +202,11 @@ class Driver:
         return max(steps, default=0)
 
     def resumed_at(self) -> list[int]:
-        return [int(m) for m in re.findall(r"resuming from \S+ \(step (\d+)\)", self.text())]
+        return [int(step) for _, step in self.resumed_from()]
+
+    def resumed_from(self) -> list[tuple[str, str]]:
+        """(checkpoint, step) of each attempt's `resuming from CKPT (step N)` line, in order."""
+        return re.findall(r"resuming from (\S+) \(step (\d+)\)", self.text())
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +234,8 @@ def preempted(packed, ray_head, tmp_path_factory) -> dict:
         faults.wait_for(lambda: len(first.resumed_at()) >= 2, 300, "the restarted workers resuming", first.proc)
         worker_saved = first.resumed_at()[-1]
         restarted_s = time.perf_counter() - signalled_at
-        checkpoints_at_restart = checkpoint_steps(run_dir)
+        resumed_from = first.resumed_from()[-1][0]  # the restarted attempt restored this save
+        checkpoints_at_restart = checkpoint_steps(run_dir)  # it may have pruned that save already, at step 200
         resume_line = f"(step {worker_saved})"
         faults.wait_for(lambda: first.last_step(after=resume_line) >= worker_saved + 10, 300,
                         "ten steps of the restarted attempt", first.proc, poll=0.05)
@@ -245,7 +250,7 @@ def preempted(packed, ray_head, tmp_path_factory) -> dict:
     rerun_started = time.perf_counter()
     rerun = faults.run(command, env, timeout=400, cwd=REPO)
     return {"run_dir": run_dir, "tracking": tracking, "worker_reached": worker_reached, "worker_saved": worker_saved,
-            "checkpoints_at_restart": checkpoints_at_restart, "restarted_s": restarted_s,
+            "checkpoints_at_restart": checkpoints_at_restart, "resumed_from": resumed_from, "restarted_s": restarted_s,
             "driver_reached": driver_reached, "driver_exit": first.proc.returncode, "stopped_text": stopped_text,
             "stopped_checkpoints": stopped_checkpoints, "rerun": rerun,
             "rerun_s": time.perf_counter() - rerun_started}
@@ -266,7 +271,8 @@ def test_a_worker_sent_sigterm_saves_the_step_it_reached_and_ray_train_resumes_t
     saved, reached = preempted["worker_saved"], preempted["worker_reached"]
     assert saved >= reached > 100, (saved, reached)  # the step reached when signalled, or just after: none lost
     assert saved % 100 != 0  # a save of its own, not a milestone
-    assert saved in preempted["checkpoints_at_restart"] and 100 in preempted["checkpoints_at_restart"]
+    assert preempted["resumed_from"] == str(preempted["run_dir"] / "checkpoints" / f"step_{saved:08d}")
+    assert 100 in preempted["checkpoints_at_restart"]  # the milestone before the save is kept
     fault_report.fault = "SIGTERM to one of 2 train workers (a preempted host), Ray Train max_failures=1"
     fault_report.happened = (f"signalled at step {reached} (or later): both workers saved step {saved} and ended "
                              f"the attempt; Ray Train's next attempt resumed from step {saved}")
