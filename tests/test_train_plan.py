@@ -93,6 +93,13 @@ def test_fits_means_within_the_hbm_limit_and_the_exit_code_follows(planned):
     assert refused.returncode == 2 and "--hbm-limit=1.5 must be in (0, 1]" in refused.stderr
 
 
+def test_the_configs_libtpu_flags_reach_the_compiler_plan_runs():
+    """libtpu refuses a flag it does not know: the one in device.libtpu_flags must have reached it."""
+    done = plan("tiny-cpu", *TINY, *TINY_ON["v4-8"], "device.libtpu_flags=--xla_openllama_no_such_flag=true")
+    assert done.returncode != 0
+    assert "Unknown command line flag 'xla_openllama_no_such_flag'" in done.stdout + done.stderr
+
+
 def test_a_config_for_no_tpu_slice_is_bad_input_in_one_line():
     done = plan("tiny-cpu")
     assert done.returncode == 2

@@ -141,6 +141,8 @@ class DeviceSection:
     peak_flops: float | None = None  # per device, for MFU; None = known table (TPU/GPU) or measured (CPU)
     compilation_cache: bool = True  # reuse compiled steps across restarts and runs (JAX persistent cache)
     compilation_cache_dir: str | None = None  # default: <output_dir>/jax_cache
+    # LIBTPU_INIT_ARGS of the TPU workers, and of the compiler `openllama plan` runs (so it measures them)
+    libtpu_flags: str = ""
 
 
 @dataclass

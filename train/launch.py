@@ -292,7 +292,7 @@ def fit(config: TrainConfig, address: str | None = None, score_tasks: ScoreTasks
                            "tracking_uri": config.tracking.uri or tracking.tracking_uri(),
                            "scores_tasks": validation is not None},
         validation_config=validation,
-        jax_config=JaxConfigWithCpu(use_tpu=s.use_tpu, use_gpu=s.use_gpu),
+        jax_config=JaxConfigWithCpu(use_tpu=s.use_tpu, use_gpu=s.use_gpu, libtpu_flags=config.device.libtpu_flags),
         scaling_config=scaling,
         run_config=RunConfig(
             name=config.name, storage_path=storage_path, storage_filesystem=storage_filesystem,

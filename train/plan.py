@@ -114,6 +114,9 @@ def plan(config: TrainConfig, name: str, hbm_limit: float = HBM_LIMIT) -> StepPl
     tpu = target_slice(config)
     llama, runtime = config.llama(), config.runtime()
     runtime = dataclasses.replace(runtime, kernels=kernels.for_platform(runtime.kernels, "tpu"))
+    if config.device.libtpu_flags:  # read by libtpu when it starts, at the first topology asked for
+        os.environ["LIBTPU_INIT_ARGS"] = " ".join(filter(None, [os.environ.get("LIBTPU_INIT_ARGS"),
+                                                                config.device.libtpu_flags]))
     devices = compile_only_devices(tpu)
     program = make_program(config, devices, runtime)
     state, batch = program.abstract_state, program.abstract_batch(config)

@@ -1,4 +1,4 @@
-"""Ray Train's JAX backend, extended to CPU workers.
+"""Ray Train's JAX backend, extended to CPU workers (and to TPU workers' libtpu flags).
 
 The stock backend calls `jax.distributed.initialize` only for TPU or GPU workers; CPU workers would each
 be a separate one-process JAX. Here CPU workers also join one `jax.distributed` system (a group of one
@@ -52,8 +52,14 @@ def _initialize_cpu_distributed(coordinator: str, num_processes: int, process_id
              coordinator, address)
 
 
+def _set_libtpu_flags(flags: str) -> None:
+    os.environ["LIBTPU_INIT_ARGS"] = " ".join(filter(None, [os.environ.get("LIBTPU_INIT_ARGS"), flags]))
+
+
 class _CpuJaxBackend(_JaxBackend):
-    def on_start(self, worker_group, backend_config: JaxConfig) -> None:
+    def on_start(self, worker_group, backend_config: JaxConfigWithCpu) -> None:
+        if backend_config.use_tpu and backend_config.libtpu_flags:  # before JAX starts libtpu in the workers
+            ray.get(worker_group.execute_async(_set_libtpu_flags, backend_config.libtpu_flags))
         if backend_config.use_tpu or backend_config.use_gpu:
             return super().on_start(worker_group, backend_config)
         address, port = worker_group.execute_single(0, get_address_and_port)
@@ -76,7 +82,10 @@ class _CpuJaxBackend(_JaxBackend):
 
 @dataclass
 class JaxConfigWithCpu(JaxConfig):
-    """`JaxConfig` whose backend also forms a `jax.distributed` system from CPU workers."""
+    """`JaxConfig` whose backend also forms a `jax.distributed` system from CPU workers, and gives TPU workers
+    the run's libtpu flags (`device.libtpu_flags`) before JAX starts libtpu there."""
+
+    libtpu_flags: str = ""
 
     @property
     def backend_cls(self):
