@@ -97,7 +97,8 @@ def test_a_run_in_a_gcs_bucket_resumes_from_its_newest_checkpoint(gcs_server, gc
     gcs_server.relay.reset()
     _, params, _ = load_model(f"{gcs_bucket}/runs/tiny-cpu")  # read from the bucket, as eval and export do
     weights = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(params))
-    assert weights <= gcs_server.relay.response_bytes <= 1.1 * weights  # the weights, not the optimizer state
+    # the weights (and the database's index nodes, whose reads vary), not the optimizer state: that is twice more
+    assert weights <= gcs_server.relay.response_bytes <= 1.5 * weights
     _, expected, _ = load_model(RunDir(tmp_path / "local" / "tiny-cpu").latest()[1])
     # and as a new run starting from it reads it (train.init_from=gs://...)
     run_config = load_config("tiny-cpu", base)
