@@ -1,19 +1,27 @@
-"""`openllama data dedup` against datatrove's MinHash dedup, on one corpus with planted near-duplicates.
+"""`openllama data dedup` against datatrove's MinHash dedup: recall per Jaccard bin, on the same corpus and
+the same similarity, in configurations both sides share.
 
-    .venv/bin/pip install -e '.[bench]'       # datatrove
-    .venv/bin/python bench/dedup.py [--docs 20000] [--workers 2]
+    .venv/bin/pip install -e '.[bench]'       # datatrove, with the xxhash<4 its default hasher needs
+    .venv/bin/python bench/dedup.py [--docs 10000] [--workers 2] [--repeats 3]
 
 The corpus: documents made of random sentences of the shipped sample (so unrelated documents share little),
-spread over files of several subsets, plus one copy per planted original, edited (words replaced at random)
-until the Jaccard similarity of the two documents' character 13-gram sets (SlimPajama's normalization) is near
-each level from 0.5 to 0.95; each copy sits in another subset's file than its original. A pair counts as found
-when either of its documents is removed. Both tools run in this process's cores: ours on an in-process Ray with
-`--workers` CPUs, datatrove's LocalPipelineExecutor with `--workers` workers; peak memory is the largest summed
-RSS of the process tree, sampled every 0.1 s.
+spread over files of several subsets, plus near-copies of some of them, each in another subset's file than its
+original. A copy is made for a Jaccard bin ([0.50, 0.60), ..., [0.85, 0.90), [0.90, 0.95), [0.95, 1.00)): a
+target is drawn inside the bin and as few words are replaced as bring the similarity of the two documents'
+character 13-gram sets (SlimPajama's normalization, the similarity our MinHash estimates) under it, so every
+pair lies inside its bin, its low edge included. Both tools are scored on that one similarity: recall per
+bin (a pair counts as found when either document is removed), the share of pairs under 0.7 merged, and the
+share of unrelated documents removed.
 
-datatrove runs with its defaults (word 5-grams, 14 buckets of 8 hashes, no verification) but for its hash
-function, sha1 instead of xxhash (see run_datatrove): it measures another similarity than the planted one, which
-is part of what the recall figures compare.
+Configurations, each run by both tools on the same corpus:
+- `defaults`: ours (250 permutations, 25 bands x 10 rows, character 13-grams, candidates verified at an
+  estimated Jaccard >= 0.8) against datatrove's (112 hashes, 14 buckets x 8, word 5-grams, no verification).
+- `14 x 8`: both with datatrove's 14 bands of 8 hashes (ours: preset `datatrove`), each with its own shingles.
+- `25 x 10`: both with our 25 bands of 10 (datatrove: `num_buckets=25, hashes_per_bucket=10`).
+datatrove runs with its own hasher (xxhash, 64-bit), which needs xxhash<4, as datatrove pins it. Each repeat
+builds a corpus of its own seed and runs every (configuration, tool), the tools' order alternating between
+repeats; printed are the medians over the repeats with their spread. Both tools get `--workers` CPUs of this
+machine: ours on an in-process Ray, datatrove's LocalPipelineExecutor with as many workers.
 """
 
 from __future__ import annotations
@@ -23,21 +31,26 @@ import gzip
 import json
 import os
 import random
+import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
-
-import psutil
 
 from openllama.data import clean, minhash
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample" / "redpajama"
-LEVELS = (0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+BINS = ((0.5, 0.6), (0.6, 0.65), (0.65, 0.7), (0.7, 0.75), (0.75, 0.8), (0.8, 0.85), (0.85, 0.9), (0.9, 0.95),
+        (0.95, 1.0))
+GOAL_BIN = (0.85, 0.9)
 FILES = ("c4/c4-train.00000-of-01024.jsonl", "c4/c4-train.00001-of-01024.jsonl", "wikipedia/wiki.jsonl",
          "arxiv/arxiv_0.jsonl", "arxiv/arxiv_1.jsonl", "book/book.jsonl", "stackexchange/stackexchange.jsonl",
          "common_crawl/2019-30/en_head_0000.jsonl")
+CONFIGS = {  # name: (our preset, datatrove's (buckets, hashes per bucket))
+    "defaults": ("default", (14, 8)),
+    "14 x 8": ("datatrove", (14, 8)),
+    "25 x 10": ("default", (25, 10)),
+}
 
 
 def grams(text: str) -> set[str]:
@@ -49,31 +62,36 @@ def jaccard(a: set[str], b: set[str]) -> float:
     return len(a & b) / len(a | b)
 
 
-def edited_copy(text: str, target: float, rng: random.Random) -> tuple[str, float]:
-    """`text` with as many random words replaced as brings the 13-gram Jaccard closest to `target`."""
-    words = text.split(" ")
-    order = rng.sample(range(len(words)), len(words))
-    original = grams(text)
+def copy_in_bin(text: str, low: float, high: float, rng: random.Random) -> tuple[str, float] | None:
+    """`text` with random words replaced until its 13-gram Jaccard with `text` lies in [low, high): as few as
+    bring it under a target drawn in the bin. None when 20 tries miss the bin (a short document)."""
+    words, original = text.split(" "), grams(text)
+    for _ in range(20):
+        order, target = rng.sample(range(len(words)), len(words)), rng.uniform(low, high)
+        replacement = {i: f"{rng.choice('bcdfghjklmnpqrstvwxz')}{rng.randrange(10**6)}" for i in order}
 
-    def with_edits(k: int) -> tuple[str, float]:
-        changed = list(words)
-        for i in order[:k]:
-            changed[i] = f"{rng.choice('bcdfghjklmnpqrstvwxz')}{rng.randrange(10**6)}"
-        copy = " ".join(changed)
-        return copy, jaccard(original, grams(copy))
+        def with_edits(k: int, order: list[int] = order, replacement: dict = replacement) -> tuple[str, float]:
+            changed = list(words)
+            for i in order[:k]:
+                changed[i] = replacement[i]
+            copy = " ".join(changed)
+            return copy, jaccard(original, grams(copy))
 
-    low, high = 0, len(words)
-    while low < high:  # the smallest k whose similarity is at or below the target
-        middle = (low + high) // 2
-        if with_edits(middle)[1] > target:
-            low = middle + 1
-        else:
-            high = middle
-    return with_edits(low)
+        first, last = 0, len(words)
+        while first < last:
+            middle = (first + last) // 2
+            if with_edits(middle)[1] >= target:
+                first = middle + 1
+            else:
+                last = middle
+        copy, similarity = with_edits(first)
+        if low <= similarity < high:
+            return copy, similarity
+    return None
 
 
 def build_corpus(root: Path, docs: int, seed: int) -> list[dict]:
-    """Write the corpus; returns the planted pairs (ids of original and copy, and their true Jaccard).
+    """Write the corpus; returns the planted pairs (ids of original and copy, their bin and true Jaccard).
 
     Sentences of 5-60 words only, so that no document is one long sentence (code, a table) drawn twice.
     """
@@ -93,14 +111,16 @@ def build_corpus(root: Path, docs: int, seed: int) -> list[dict]:
         per_file[name].append(body)
         where.append((name, len(per_file[name])))
     pairs = []
-    per_level = max(1, docs // 40 // len(LEVELS))
-    for n, level in enumerate(lvl for lvl in LEVELS for _ in range(per_level)):
+    per_bin = max(1, docs // 40 // len(BINS))
+    for n, edges in enumerate(edge for edge in BINS for _ in range(per_bin)):
         original = n * 7 % docs
-        copy, similarity = edited_copy(bodies[original], level, rng)
+        made = copy_in_bin(bodies[original], *edges, rng)
+        if made is None:
+            continue
         name = FILES[(FILES.index(where[original][0]) + 3) % len(FILES)]
-        per_file[name].append(copy)
+        per_file[name].append(made[0])
         pairs.append({"original": f"{where[original][0]}:{where[original][1]}", "copy": f"{name}:{len(per_file[name])}",
-                      "level": level, "jaccard": similarity})
+                      "bin": edges, "jaccard": made[1]})
     for name, texts in per_file.items():
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,50 +129,23 @@ def build_corpus(root: Path, docs: int, seed: int) -> list[dict]:
     return pairs
 
 
-class PeakMemory:
-    """The largest summed RSS of this process and its descendants while the block runs."""
-
-    def __enter__(self) -> PeakMemory:
-        self.peak, self._stop = 0, threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for process in [me, *me.children(recursive=True)]:
-                try:
-                    total += process.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
-            time.sleep(0.1)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def run_ours(corpus: Path, out: Path, workers: int) -> tuple[set[str], float, int]:
-    """Removed ids, seconds and peak bytes of `openllama data dedup` (decontamination off: datatrove has none)."""
+def run_ours(corpus: Path, out: Path, workers: int, preset: str) -> tuple[set[str], float]:
+    """Removed ids and seconds of `openllama data dedup` (decontamination off: datatrove has none)."""
     import ray  # started here with `workers` CPUs, so both tools get the same cores
 
     started = time.perf_counter()
-    with PeakMemory() as memory:
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-        clean.run_dedup(clean.DedupConfig(inputs=[str(corpus)], out=str(out), track=False))
-        ray.shutdown()
+    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    clean.run_dedup(clean.DedupConfig(inputs=[str(corpus)], out=str(out), preset=preset, track=False))
+    ray.shutdown()
     seconds = time.perf_counter() - started
     import pyarrow.parquet as pq  # only after the timing: reading the result is not part of the run
 
     rows = pq.read_table(out / "duplicates").to_pylist()
-    return {f"{str(Path(r['source']).relative_to(corpus))}:{r['line']}" for r in rows}, seconds, memory.peak
+    return {f"{str(Path(r['source']).relative_to(corpus))}:{r['line']}" for r in rows}, seconds
 
 
-def run_datatrove(corpus: Path, work: Path, workers: int) -> tuple[set[str], float, int]:
-    """Removed ids, seconds and peak bytes of datatrove's four MinHash stages with its default settings."""
+def run_datatrove(corpus: Path, work: Path, workers: int, bands: tuple[int, int]) -> tuple[set[str], float]:
+    """Removed ids and seconds of datatrove's four MinHash stages, its defaults but for `bands`."""
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.dedup.minhash import (
         MinhashConfig,
@@ -163,10 +156,8 @@ def run_datatrove(corpus: Path, work: Path, workers: int) -> tuple[set[str], flo
     )
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
-    from datatrove.utils.hashing import HashConfig
 
-    # its default hash, xxhash, fails on str under xxhash>=4 (installed here); sha1 is its other choice
-    config = MinhashConfig(hash_config=HashConfig(hash_fc="sha1"))
+    config = MinhashConfig(num_buckets=bands[0], hashes_per_bucket=bands[1])  # its own hasher: xxhash
     tasks = len(FILES)
 
     def reader() -> JsonlReader:
@@ -183,68 +174,80 @@ def run_datatrove(corpus: Path, work: Path, workers: int) -> tuple[set[str], flo
           JsonlWriter(str(work / "kept"))], tasks),
     ]
     started = time.perf_counter()
-    with PeakMemory() as memory:
-        previous = None
-        for n, (pipeline, count) in enumerate(stages):
-            previous = LocalPipelineExecutor(pipeline, tasks=count, workers=workers, depends=previous,
-                                             logging_dir=str(work / f"logs{n}"))
-        previous.run()
+    previous = None
+    for n, (pipeline, count) in enumerate(stages):
+        previous = LocalPipelineExecutor(pipeline, tasks=count, workers=workers, depends=previous,
+                                         logging_dir=str(work / f"logs{n}"))
+    previous.run()
     seconds = time.perf_counter() - started
     removed = set()
     for path in (work / "removed").rglob("*.gz"):
         with gzip.open(path, "rt") as f:
             removed |= {json.loads(line)["id"] for line in f}
-    return removed, seconds, memory.peak
+    return removed, seconds
 
 
 def scores(pairs: list[dict], removed: set[str], docs: int) -> dict[str, float]:
-    """Recall at Jaccard >= 0.85, the share of pairs under 0.7 merged, and of other documents removed."""
-    found = [p for p in pairs if p["copy"] in removed or p["original"] in removed]
-    high = [p for p in pairs if p["jaccard"] >= 0.85]
-    low = [p for p in pairs if p["jaccard"] < 0.7]
+    """Recall per bin, the share of pairs under 0.7 merged, and of the unrelated documents removed."""
+    found = [p["copy"] in removed or p["original"] in removed for p in pairs]
     planted = {p["copy"] for p in pairs} | {p["original"] for p in pairs}
-    return {
-        "recall_at_0.85": sum(p in found for p in high) / max(1, len(high)),
-        "fpr_below_0.7": sum(p in found for p in low) / max(1, len(low)),
-        "other_removed": len(removed - planted) / docs,
-        **{f"found_at_{level}": sum(p in found for p in pairs if p["level"] == level)
-           / max(1, sum(p["level"] == level for p in pairs)) for level in LEVELS},
-    }
+    result = {}
+    for edges in BINS:
+        inside = [hit for hit, p in zip(found, pairs, strict=True) if p["bin"] == edges]
+        result[f"recall [{edges[0]:.2f}, {edges[1]:.2f})"] = sum(inside) / max(1, len(inside))
+    low = [hit for hit, p in zip(found, pairs, strict=True) if p["jaccard"] < 0.7]
+    result["merged under 0.7"] = sum(low) / max(1, len(low))
+    result["unrelated removed"] = len(removed - planted) / docs
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--docs", type=int, default=20000, help="unrelated documents (planted copies: docs/40)")
+    parser.add_argument("--docs", type=int, default=10000, help="unrelated documents (planted pairs: docs/40)")
     parser.add_argument("--workers", type=int, default=2, help="CPUs for each tool")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    measured: dict[tuple[str, str], list[dict]] = {}
+    planted = []
+    for repeat in range(args.repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            pairs = build_corpus(root / "corpus", args.docs, args.seed + repeat)
+            planted.append(len(pairs))
+            total = args.docs + len(pairs)
+            runs = [(config, tool) for config in CONFIGS for tool in ("openllama", "datatrove")]
+            for config, tool in runs if repeat % 2 == 0 else runs[::-1]:  # alternated between repeats
+                work = root / f"{config}-{tool}".replace(" ", "")
+                preset, bands = CONFIGS[config]
+                removed, seconds = (run_ours(root / "corpus", work, args.workers, preset) if tool == "openllama"
+                                    else run_datatrove(root / "corpus", work, args.workers, bands))
+                row = {**scores(pairs, removed, args.docs), "docs/s": total / seconds}
+                measured.setdefault((config, tool), []).append(row)
+                print(f"repeat {repeat} {config:<8} {tool:<9} {total / seconds:7.0f} docs/s  "
+                      f"recall [0.85, 0.90) {row['recall [0.85, 0.90)']:.3f}  "
+                      f"merged under 0.7 {row['merged under 0.7']:.3f}", flush=True)
 
-    print("S-curve of the presets (threshold 0.8; p_removed: candidate and verified)")
-    for name, preset in minhash.PRESETS.items():
-        print(f"  {name}: {preset.num_perm} permutations, {preset.bands} bands x {preset.rows} rows")
-        for row in minhash.s_curve_table(preset, 0.8):
-            print(f"    J={row['jaccard']:.2f}  P(candidate)={row['p_candidate']:.4f}  "
-                  f"P(removed)={row['p_removed']:.4f}")
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        pairs = build_corpus(root / "corpus", args.docs, args.seed)
-        total = args.docs + len(pairs)
-        print(f"\ncorpus: {total:,} documents ({args.docs:,} unrelated, {len(pairs)} planted pairs), "
-              f"{sum(p.stat().st_size for p in (root / 'corpus').rglob('*.jsonl')) / 1e6:.1f} MB, "
-              f"{args.workers} CPUs of {os.cpu_count()}")
-        results = {"openllama": run_ours(root / "corpus", root / "ours", args.workers),
-                   "datatrove": run_datatrove(root / "corpus", root / "datatrove", args.workers)}
-    print(f"\n{'':<28}{'openllama':>12}{'datatrove':>12}{'ratio':>8}")
-    measured = {name: {**scores(pairs, removed, args.docs), "docs_per_s": total / seconds,
-                       "seconds": seconds, "peak_memory_mb": peak / 2**20}
-                for name, (removed, seconds, peak) in results.items()}
-    for key in measured["openllama"]:
-        ours, theirs = measured["openllama"][key], measured["datatrove"][key]
-        ratio = f"{ours / theirs:.2f}x" if theirs else "-"
-        print(f"{key:<28}{ours:>12.4g}{theirs:>12.4g}{ratio:>8}")
-    print(f"\ntargets: recall_at_0.85 >= 0.95, fpr_below_0.7 <= 0.01, docs_per_s ratio >= 1.0 "
-          f"(ours: {measured['openllama']['recall_at_0.85']:.3f}, {measured['openllama']['fpr_below_0.7']:.3f}, "
-          f"{measured['openllama']['docs_per_s'] / measured['datatrove']['docs_per_s']:.2f}x)")
+    def figure(values: list[float], digits: int) -> str:
+        return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+    print(f"\n{args.docs:,} unrelated documents and {statistics.median(planted):.0f} planted pairs a corpus, "
+          f"{args.workers} CPUs of {os.cpu_count()} each, median (spread) of {args.repeats} repeats")
+    for config in CONFIGS:
+        ours, theirs = measured[(config, "openllama")], measured[(config, "datatrove")]
+        print(f"\n{config}: ours {CONFIGS[config][0]} preset, datatrove {CONFIGS[config][1][0]} x "
+              f"{CONFIGS[config][1][1]}")
+        print(f"  {'':<24}{'openllama':>22}{'datatrove':>22}")
+        for key in ours[0]:
+            digits = 0 if key == "docs/s" else 3
+            print(f"  {key:<24}{figure([r[key] for r in ours], digits):>22}"
+                  f"{figure([r[key] for r in theirs], digits):>22}")
+        ratios = [o["docs/s"] / t["docs/s"] for o, t in zip(ours, theirs, strict=True)]
+        print(f"  speed ours / datatrove: {figure(ratios, 2)}x")
+    goal = measured[("defaults", "openllama")]
+    print(f"\ngoals (ours, defaults): recall in [0.85, 0.90) >= 0.95: "
+          f"{statistics.median(r['recall [0.85, 0.90)'] for r in goal):.3f}; merged under 0.7 <= 0.01: "
+          f"{statistics.median(r['merged under 0.7'] for r in goal):.3f}")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ class DedupConfig:
     out: str  # output folder (local or URI): the kept corpus in RedPajama layout, duplicates/, rejected/, stats.json
     exact: bool = True  # remove documents equal after NFC, whitespace collapsing and case folding
     fuzzy: bool = True  # remove near-duplicates: MinHash LSH over character 13-grams
-    preset: Literal["default", "slimpajama"] = "default"  # permutations, bands and rows (minhash.PRESETS)
+    preset: Literal["default", "slimpajama", "datatrove"] = "default"  # permutations, bands, rows (minhash.PRESETS)
     threshold: float = 0.8  # estimated Jaccard at or above which an LSH candidate pair is a duplicate
     seed: int = 0  # of the MinHash permutations
     # quality rules or groups of them (data/filters.py: short, gopher, c4, gopher_word_count, ...)

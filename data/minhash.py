@@ -41,6 +41,8 @@ PRESETS = {
     "default": LshPreset(num_perm=250, bands=25, rows=10),
     # SlimPajama's setting: 128 permutations of which 9 bands x 13 rows are used
     "slimpajama": LshPreset(num_perm=128, bands=9, rows=13),
+    # datatrove's default: 14 buckets of 8 hashes (bench/dedup.py compares both tools with the same bands)
+    "datatrove": LshPreset(num_perm=112, bands=14, rows=8),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -371,3 +372,66 @@ def test_bad_input_exits_2_with_one_line(corpus, tmp_path, capsys, argv, message
     assert cli.main(["data", "dedup", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and err.startswith("openllama data dedup: ")
+
+
+# --- recall per Jaccard bin (the bin the goal is about, and the pairs dedup must keep) -------------------------
+
+
+def grams_13(text: str) -> set[str]:
+    """The set MinHash estimates: character 13-grams of the fuzzy-normalized text."""
+    t = minhash.fuzzy_normalize(text)
+    return {t[i : i + minhash.NGRAM] for i in range(max(1, len(t) - minhash.NGRAM + 1))}
+
+
+def copy_in_bin(text: str, low: float, high: float, rng: random.Random) -> tuple[str, float]:
+    """`text` with random words replaced until its 13-gram Jaccard with `text` is in [low, high): as few words
+    as bring it under a target drawn in the bin, so that pairs spread over the bin, its low edge included."""
+    words, original = text.split(" "), grams_13(text)
+    for _ in range(20):
+        order, target = rng.sample(range(len(words)), len(words)), rng.uniform(low, high)
+        replacement = {i: f"q{rng.randrange(10**9)}z" for i in order}
+
+        def edited(k: int, order: list[int] = order, replacement: dict = replacement) -> tuple[str, float]:
+            changed = list(words)
+            for i in order[:k]:
+                changed[i] = replacement[i]
+            copy = " ".join(changed)
+            similarity = grams_13(copy)
+            return copy, len(original & similarity) / len(original | similarity)
+
+        first, last = 0, len(words)
+        while first < last:  # the fewest replaced words that bring the similarity under the target
+            middle = (first + last) // 2
+            if edited(middle)[1] >= target:
+                first = middle + 1
+            else:
+                last = middle
+        copy, jaccard = edited(first)
+        if low <= jaccard < high:
+            return copy, jaccard
+    raise AssertionError(f"no copy in [{low}, {high}) after 20 tries")
+
+
+def test_near_duplicates_are_found_per_jaccard_bin_and_pairs_below_0_7_are_kept(tmp_path):
+    """The goals of docs/dedup.md on pairs planted inside their bins: recall >= 0.95 for Jaccard in [0.85, 0.90),
+    at most 1% of the pairs under 0.7 merged (here 40 pairs each, in other files than their originals)."""
+    rng = random.Random(11)
+    originals = [*sample_texts("c4_sample.jsonl", 40), *sample_texts("wikipedia_sample.jsonl", 40)]
+    bins = {"[0.85, 0.90)": (0.85, 0.90), "[0.50, 0.70)": (0.5, 0.7)}
+    copies = {name: [copy_in_bin(originals[i + 40 * n], *edges, rng) for i in range(40)]
+              for n, (name, edges) in enumerate(bins.items())}
+    write_jsonl(tmp_path / "rp/c4/c4-train.00000-of-01024.jsonl", originals[:40])
+    write_jsonl(tmp_path / "rp/wikipedia/wiki.jsonl", originals[40:])
+    write_jsonl(tmp_path / "rp/book/book.jsonl", [copy for copy, _ in copies["[0.85, 0.90)"]])
+    write_jsonl(tmp_path / "rp/arxiv/arxiv_0.jsonl", [copy for copy, _ in copies["[0.50, 0.70)"]])
+    out = tmp_path / "out"
+    run([str(tmp_path / "rp")], out, None, decontaminate=None, exact=False)
+    removed = {(Path(row["source"]).parent.name, row["line"]) for row in duplicates(out)}
+
+    assert all(0.85 <= j < 0.90 for _, j in copies["[0.85, 0.90)"])
+    assert all(0.5 <= j < 0.7 for _, j in copies["[0.50, 0.70)"])
+    # a pair is merged when either of its documents is removed (lines count from 1)
+    high = sum(("book", i + 1) in removed or ("c4", i + 1) in removed for i in range(40))
+    low = sum(("arxiv", i + 1) in removed or ("wikipedia", i + 1) in removed for i in range(40))
+    assert high / 40 >= 0.95, f"recall {high}/40 in [0.85, 0.90)"
+    assert low / 40 <= 0.01, f"{low}/40 pairs under 0.7 merged"
