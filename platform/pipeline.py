@@ -111,6 +111,11 @@ def rerun_reason(ledger: dict, identity: dict) -> str:
     return "resuming an unfinished run" if ledger.get("status") == "running" else "outputs missing"
 
 
+def new_submission_id(what: str) -> str:
+    """A Ray job's submission id: what it runs, when, and a random suffix (ids are never reused)."""
+    return f"openllama-{what}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
 @dataclass
 class Runner:
     """Runs stages in order on one cluster, reusing what the ledger says is done."""
@@ -141,7 +146,7 @@ class Runner:
                     files.remove_tree(path)
                 else:
                     files.remove_file(path)
-        submission_id = f"openllama-{stage.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        submission_id = new_submission_id(stage.name)
         started = time.time()
         entry = {"stage": stage.name, **identity, "status": "running", "submission_id": submission_id,
                  "started": started}
@@ -274,7 +279,7 @@ def start_endpoint(runner: Runner, state: Path, run_dir: Path) -> str:
     command = ["openllama", "serve", str(run_dir), "--detach", "--port", str(port), "--name", RUN_NAME,
                "--num-cpus", "0"]
     output = ray_jobs.submit(command, api_url=runner.api_url, env=runner.client_env, working_dir=REPO,
-                             submission_id=f"openllama-serve-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+                             submission_id=new_submission_id("serve"),
                              env_vars=runner.job_env, log_path=runner.out / "logs" / "serve.log", echo=None)
     started = next(line for line in reversed(output.splitlines()) if line.startswith("openllama serve:"))
     curl = started.split("try: ", 1)[1]
@@ -291,7 +296,7 @@ def stop_endpoint(state: Path) -> str | None:
     try:
         env = {**os.environ, **head.env} if head is not None and head.pids() else ray_jobs.client_env(record["api_url"])
         ray_jobs.submit(["openllama", "serve", "--stop"], api_url=record["api_url"], env=env, working_dir=REPO,
-                        submission_id=f"openllama-serve-stop-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+                        submission_id=new_submission_id("serve-stop"),
                         log_path=state.parent / "logs" / "serve.log", echo=None)
     except ray_jobs.RayAuthError as error:
         raise commands.WorkFailed(str(error)) from error

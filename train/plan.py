@@ -41,7 +41,7 @@ from openllama import commands
 from openllama.train import kernels
 from openllama.train.config import TrainConfig, load_config
 from openllama.train.program import make_program
-from openllama.train.tpu import Slice, check_slice
+from openllama.train.tpu import Slice, add_libtpu_flags, check_slice
 
 GiB = 2**30
 HBM_LIMIT = 0.8  # the share of a chip's HBM a step may plan to use and still "fit"
@@ -114,9 +114,7 @@ def plan(config: TrainConfig, name: str, hbm_limit: float = HBM_LIMIT) -> StepPl
     tpu = target_slice(config)
     llama, runtime = config.llama(), config.runtime()
     runtime = dataclasses.replace(runtime, kernels=kernels.for_platform(runtime.kernels, "tpu"))
-    if config.device.libtpu_flags:  # read by libtpu when it starts, at the first topology asked for
-        os.environ["LIBTPU_INIT_ARGS"] = " ".join(filter(None, [os.environ.get("LIBTPU_INIT_ARGS"),
-                                                                config.device.libtpu_flags]))
+    add_libtpu_flags(config.device.libtpu_flags)
     devices = compile_only_devices(tpu)
     program = make_program(config, devices, runtime)
     state, batch = program.abstract_state, program.abstract_batch(config)
@@ -147,7 +145,7 @@ def plan(config: TrainConfig, name: str, hbm_limit: float = HBM_LIMIT) -> StepPl
     minimum = fsdp_minimum_bytes(llama.num_params(), shape["fsdp"], shape["dp"], np.dtype(runtime.dtype).itemsize,
                                  np.dtype(runtime.param_dtype).itemsize)
     return StepPlan(
-        config=name, slice=tpu.name, topology=tpu.topology, devices=len(devices), mesh=dict(program.mesh.shape),
+        config=name, slice=tpu.name, topology=tpu.topology, devices=len(devices), mesh=shape,
         fits=needed <= hbm_limit * tpu.hbm_bytes, hbm_needed_bytes=int(needed), hbm_capacity_bytes=tpu.hbm_bytes,
         hbm_limit=hbm_limit,
         memory=sizes, host_bytes=int(host), executed_flops_per_step=executed_flops(jaxpr.jaxpr),

@@ -19,6 +19,8 @@ import ray
 from ray.train._internal.utils import get_address_and_port
 from ray.train.v2.jax.config import JaxConfig, _JaxBackend, _shutdown_jax_distributed
 
+from openllama.train.tpu import add_libtpu_flags
+
 log = logging.getLogger(__name__)
 
 
@@ -52,14 +54,10 @@ def _initialize_cpu_distributed(coordinator: str, num_processes: int, process_id
              coordinator, address)
 
 
-def _set_libtpu_flags(flags: str) -> None:
-    os.environ["LIBTPU_INIT_ARGS"] = " ".join(filter(None, [os.environ.get("LIBTPU_INIT_ARGS"), flags]))
-
-
 class _CpuJaxBackend(_JaxBackend):
     def on_start(self, worker_group, backend_config: JaxConfigWithCpu) -> None:
         if backend_config.use_tpu and backend_config.libtpu_flags:  # before JAX starts libtpu in the workers
-            ray.get(worker_group.execute_async(_set_libtpu_flags, backend_config.libtpu_flags))
+            ray.get(worker_group.execute_async(add_libtpu_flags, backend_config.libtpu_flags))
         if backend_config.use_tpu or backend_config.use_gpu:
             return super().on_start(worker_group, backend_config)
         address, port = worker_group.execute_single(0, get_address_and_port)

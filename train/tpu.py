@@ -8,6 +8,7 @@ so the 256-chip 4x8x8 topology is a v4-512 on 64 hosts. Ray Train accepts any mu
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 from openllama.config import ConfigError
@@ -76,3 +77,10 @@ def check_slice(num_workers: int, accelerator_type: str | None, topology: str | 
             f"{tpu.hosts} hosts of {tpu.chips_per_host}: set scaling.num_workers={tpu.hosts} (one worker per host)"
         )
     return tpu
+
+
+def add_libtpu_flags(flags: str) -> None:
+    """Append `flags` to this process's LIBTPU_INIT_ARGS, which libtpu reads once, when it starts (so before
+    the first TPU device or topology is asked for)."""
+    if flags:
+        os.environ["LIBTPU_INIT_ARGS"] = " ".join(filter(None, [os.environ.get("LIBTPU_INIT_ARGS"), flags]))
