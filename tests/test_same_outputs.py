@@ -5,8 +5,9 @@ tests/golden/sample_outputs.json holds what that commit wrote, run as the pipeli
 (decontaminated against the local task pack), a 512-piece tokenizer trained on its output, tokenize at
 seq_len 128, then `train tiny-cpu` for 30 steps. Files are compared byte for byte, but for what necessarily
 differs between two runs: JSON is compared with the run's folders replaced by placeholders and `seconds`
-left out, names carry a hash of their input's path (replaced by `H`), the tokenizer's own file records the
-temporary folder it was trained in (its pieces and scores are what the dataset's digests check), and the
+left out, names carry a hash of their input's path (replaced by `H`), parquet files by their schema and rows
+(rows name their source file by absolute path, which differs between checkouts), the tokenizer's own file
+records the temporary folder it was trained in (its pieces and scores are what the dataset's digests check), and the
 ledgers (`units/`) are the new format's. The one recorded setting the change altered is dedup.json's
 `settings.decontaminate`: the tasks' names, where it named the pack; `eval_ngrams_sha256` beside it shows
 that the n-grams decontaminated against are the same.
@@ -44,6 +45,15 @@ def normalized(value, swaps: dict[str, str]):
     return value
 
 
+def parquet_rows(path: Path, swaps: dict[str, str]) -> bytes:
+    """A parquet file as its schema and rows, paths replaced: its rows name their source file by absolute path."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    return json.dumps({"schema": str(table.schema), "rows": normalized(table.to_pylist(), swaps)},
+                      sort_keys=True).encode()
+
+
 def digests(root: Path, swaps: dict[str, str], skip: tuple[str, ...]) -> dict[str, str]:
     found = {}
     for path in sorted(root.rglob("*")):
@@ -51,7 +61,9 @@ def digests(root: Path, swaps: dict[str, str], skip: tuple[str, ...]) -> dict[st
         if not path.is_file() or relative.split("/")[0] in skip:
             continue
         data = path.read_bytes()
-        if path.suffix == ".json":
+        if path.suffix == ".parquet":
+            data = parquet_rows(path, swaps)
+        elif path.suffix == ".json":
             value = normalized(json.loads(data), swaps)
             if relative == "dedup.json":
                 del value["settings"]["decontaminate"]
