@@ -57,13 +57,14 @@ class Scorer:
             hidden, _ = model.apply({"params": params}, tokens, positions, mask=mask, method=Llama.hidden_states)
             return hidden
 
-        def score_slots(params: Any, hidden: jax.Array, target: jax.Array) -> tuple:
-            logits = model.apply({"params": params}, hidden, method=Llama.logits)
+        def score_slots(params: Any, hidden: jax.Array, index: jax.Array, target: jax.Array) -> tuple:
+            logits = model.apply({"params": params}, hidden[index], method=Llama.logits)
             logprob = jnp.take_along_axis(logits, target[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
             return logprob, jnp.argmax(logits, axis=-1) == target
 
         # the output layer is a program of its own, run on SLOT_BLOCK scored tokens at a time: it then
-        # runs where it is read, a few tokens per row instead of the whole row, and compiles once
+        # runs where it is read, a few tokens per row instead of the whole row, and compiles once (the
+        # scored positions are picked inside it: indexing a JAX array from Python costs far more)
         self._hidden_states = jax.jit(hidden_states)
         self._score_slots = jax.jit(score_slots)
 
@@ -73,7 +74,7 @@ class Scorer:
         hidden = self._hidden_states(self.params, *inputs)
         hidden = hidden.reshape(-1, hidden.shape[-1])
         blocks = [slice(start, start + SLOT_BLOCK) for start in range(0, len(index), SLOT_BLOCK)]
-        scored = [self._score_slots(self.params, hidden[index[block]], target[block]) for block in blocks]
+        scored = [self._score_slots(self.params, hidden, index[block], target[block]) for block in blocks]
         logprobs, greedy = zip(*scored, strict=True)
         return np.concatenate(logprobs), np.concatenate(greedy)
 

@@ -9,15 +9,19 @@ packed dataset's validation split, computed by the code training uses (`train/he
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
 import math
 import os
+import platform
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -381,12 +385,13 @@ def evaluate(settings: EvalConfig) -> tuple[Path, dict, list[Row], str]:
         if names:
             lm = OpenLlamaLM(str(ckpt), tokenizer=settings.tokenizer, batch_size=settings.batch_size,
                              workers=settings.workers)
-            results = lm_eval.simple_evaluate(
-                model=lm, tasks=names, num_fewshot=settings.num_fewshot, limit=settings.limit,
-                task_manager=manager, log_samples=False, random_seed=settings.seed,
-                numpy_random_seed=settings.seed, torch_random_seed=settings.seed,
-                fewshot_random_seed=settings.seed,
-            )
+            with jax_environment_report():
+                results = lm_eval.simple_evaluate(
+                    model=lm, tasks=names, num_fewshot=settings.num_fewshot, limit=settings.limit,
+                    # no torch seed: the model is JAX's, and seeding torch would import it (seconds) for nothing
+                    task_manager=manager, log_samples=False, random_seed=settings.seed,
+                    numpy_random_seed=settings.seed, torch_random_seed=None, fewshot_random_seed=settings.seed,
+                )
         rows = table_rows(results)
         if validation is not None:
             in_process = lm.in_process_model() if lm is not None else None
@@ -442,6 +447,39 @@ def score_checkpoint(checkpoint_of_ray: Any, step: int, location: str, tasks: li
     return scores
 
 
+@contextlib.contextmanager
+def jax_environment_report() -> Iterator[None]:
+    """lm-eval ends every evaluation with torch's environment report (`torch.utils.collect_env`), which
+    imports torch and probes the machine for about two seconds; the model here is JAX's, so the results
+    describe JAX's install instead, under lm-eval's own keys."""
+    import lm_eval.evaluator
+
+    def add_jax_env_info(storage: dict[str, Any]) -> None:
+        devices = jax.devices()
+        storage.update({
+            "pretty_env_info": f"JAX {jax.__version__} (jaxlib {metadata.version('jaxlib')}), "
+                               f"{len(devices)} {devices[0].platform} device(s); Python {platform.python_version()} "
+                               f"on {platform.platform()}",
+            "transformers_version": installed_version("transformers"),
+            "lm_eval_version": installed_version("lm_eval"),
+            "upper_git_hash": None,
+        })
+
+    original = lm_eval.evaluator.add_env_info
+    lm_eval.evaluator.add_env_info = add_jax_env_info
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.add_env_info = original
+
+
+def installed_version(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "N/A"
+
+
 def ray_is_running() -> bool:
     """Whether this process is connected to Ray; never imports it (that costs a second), as unimported
     means not started."""
@@ -461,13 +499,13 @@ def write_outputs(out_dir: Path, results: dict, table: str) -> tuple[Path, Path]
 
 def report(settings: EvalConfig) -> int:
     """Evaluate, print the table, write the outputs and log the MLflow run."""
-    from openllama import tracking  # MLflow loads only when a run is logged (see log_to_mlflow)
-
     ckpt, results, rows, table = evaluate(settings)
     print(table)
     with tempfile.TemporaryDirectory() as scratch:
         results_path, table_path = write_outputs(Path(settings.output or scratch), results, table)
         if settings.mlflow:
+            from openllama import tracking  # MLflow loads only when a run is logged (see log_to_mlflow)
+
             tags = {"checkpoint": str(ckpt), "checkpoint_name": ckpt.name, **training_origin(ckpt)}
             params = {"tasks": ",".join(settings.tasks), "limit": settings.limit,
                       "num_fewshot": settings.num_fewshot, "batch_size": settings.batch_size,

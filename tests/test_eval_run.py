@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -144,3 +146,20 @@ def test_without_lm_eval_installed_eval_says_how_to_install_it(tmp_path, monkeyp
     assert capsys.readouterr().err.strip().splitlines() == [
         "openllama eval: lm-eval is not installed: pip install 'openllama-ray[eval]'"
     ]
+
+
+def test_an_eval_without_mlflow_imports_neither_mlflow_nor_torch_and_reports_jaxs_environment(training_run, tmp_path):
+    """What a plain `openllama eval --no-mlflow` loads: not MLflow (it logs nothing), not torch (lm-eval would
+    import it to seed it and for its environment report, seconds of a short evaluation); the results still
+    carry lm-eval's environment keys, describing JAX."""
+    out = tmp_path / "out"
+    probe = ("import sys; from openllama.cli import main; "
+             f"code = main(['eval', {str(training_run)!r}, '--tasks', 'local_arc', '--limit', '4', '--batch-size', "
+             f"'4', '--no-mlflow', '--output', {str(out)!r}]); "
+             "print(code, sorted(m for m in ('torch', 'mlflow') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.stdout.strip().splitlines()[-1] == "0 []", done.stdout[-2000:] + done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["pretty_env_info"].startswith(f"JAX {jax.__version__}")
+    assert results["lm_eval_version"] != "N/A" and "upper_git_hash" in results
