@@ -32,10 +32,10 @@ lint: $(INSTALLED)
 test: lint  ## ruff, then the whole test suite (pytest exits 5 when it collects nothing: that fails too)
 	$(BIN)/pytest
 
-faults: $(INSTALLED)  ## fault-injection suite (with the many-hosts faults, as root), then a table: fault -> what happened -> data lost -> time to recover
+faults: $(INSTALLED)  ## fault-injection suite (with the many-hosts faults, as root), then a table: fault -> what happened -> data lost -> time to recover, written into README.md
 	@rm -f .faults.jsonl
 	@OPENLLAMA_FAULT_REPORT=$(CURDIR)/.faults.jsonl $(BIN)/pytest tests/faults tests/test_multihost.py -m faults; status=$$?; \
-	$(BIN)/python tests/harness.py .faults.jsonl; exit $$status
+	$(BIN)/python tests/harness.py .faults.jsonl --readme README.md; exit $$status
 
 plan: $(INSTALLED)  ## the published presets compiled for their TPU slices by the TPU compiler (no TPU needed)
 	JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 $(BIN)/python -P bench/plan.py

@@ -3,9 +3,11 @@
 The fault tests (tests/faults/) start real commands in process groups of their own, wait for a moment
 worth breaking (a unit ledger written, a checkpoint half-saved), and then break it: SIGKILL the group,
 stop a server, fill the disk. Each test appends one JSON line to the file named by OPENLLAMA_FAULT_REPORT;
-`python tests/harness.py FILE` renders those lines as the table in docs/reliability.md. This is test
-code: nothing in the product injects faults; the tests do it from outside, or through the training loop's
-hooks and monkeypatching.
+`python tests/harness.py FILE` renders those lines as a table, and with `--readme README.md` writes it into the
+README's fault section (`make faults` does both). This is test code: nothing in the product injects faults;
+the tests do it from outside, or through the training loop's hooks and monkeypatching.
+
+Every row's time to recover has one definition (RECOVERY): from the fault until the run is whole again.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import argparse
 import ipaddress
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +29,14 @@ import psutil
 from openllama.processes import stop_group
 
 REPORT_ENV = "OPENLLAMA_FAULT_REPORT"
+RECOVERY = ("from the fault until the run is whole again: it holds everything it held when the fault hit and goes "
+            "on as if none had happened. Training: the resumed run logs a step at or past the one reached at the "
+            "fault. A data command: its rerun (or Ray's retries) finished with the output of an uninterrupted run. "
+            "Tracking: the run finished with every step's metrics on the server. A fault that is only detected "
+            "(a corrupted shard, a diverging loss, bad input) has nothing to recover: `-`.")
+README_BEGIN, README_END = "<!-- fault table: make faults writes it -->", "<!-- end of fault table -->"
+STEP_LINE = re.compile(r"\bstep (\d+)/(\d+) loss")
+RESUME_LINE = re.compile(r"resuming from (\S+) \(step (\d+)\)")
 # Subprocesses of the fault tests: no hub downloads, no telemetry, unbuffered output.
 QUIET_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
              "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
@@ -53,6 +65,79 @@ def run(command: list[str], env: dict[str, str], timeout: float = 300,
         out, err = proc.communicate()
         raise AssertionError(f"{' '.join(command[:4])} ran over {timeout}s:\n{out[-2000:]}\n{err[-3000:]}") from None
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+class Watched:
+    """A command started by `start` whose output lines are read as they come, each stamped with the time it
+    arrived (time.time()): what a fault test observed during the fault, not what it inferred afterwards."""
+
+    def __init__(self, command: list[str], env: dict[str, str], cwd: str | Path | None = None):
+        self.proc = start(command, env, cwd)
+        self.lines: list[tuple[float, str, str]] = []  # (arrived, "out" | "err", line)
+        self._lock = threading.Lock()
+        self._readers = [threading.Thread(target=self._read, args=(stream, name), daemon=True)
+                         for stream, name in ((self.proc.stdout, "out"), (self.proc.stderr, "err"))]
+        for reader in self._readers:
+            reader.start()
+        self.ended_at: float | None = None
+
+    def _read(self, stream, name: str) -> None:
+        for line in stream:
+            with self._lock:
+                self.lines.append((time.time(), name, line.rstrip("\n")))
+
+    def wait(self, timeout: float) -> int:
+        """The exit status once the command and its output have ended; kills the group on timeout."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_group(self.proc)
+            raise AssertionError(f"ran over {timeout}s:\n{self.text()[-4000:]}") from None
+        for reader in self._readers:
+            reader.join(timeout=30)
+        self.ended_at = self.ended_at or time.time()
+        return self.proc.returncode
+
+    def snapshot(self, stream: str | None = None) -> list[tuple[float, str]]:
+        with self._lock:
+            return [(t, line) for t, name, line in self.lines if stream in (None, name)]
+
+    def text(self, stream: str = "err") -> str:
+        return "\n".join(line for _, line in self.snapshot(stream))
+
+    def steps(self) -> list[tuple[float, int]]:
+        """(arrived, step) of every `step N/M loss` line rank 0 logged."""
+        return [(t, int(m[1])) for t, line in self.snapshot() if (m := STEP_LINE.search(line))]
+
+    def reached(self, at: float) -> int:
+        """The newest step logged by `at` (0: none)."""
+        return max((step for t, step in self.steps() if t <= at), default=0)
+
+    def resumes(self, after: float = 0.0) -> list[tuple[float, str, int]]:
+        """(arrived, checkpoint, step) of each `resuming from CKPT (step N)` line after `after`."""
+        return [(t, m[1], int(m[2])) for t, line in self.snapshot() if t > after and (m := RESUME_LINE.search(line))]
+
+    def count(self, text: str, after: float = 0.0) -> int:
+        return sum(text in line for t, line in self.snapshot() if t > after)
+
+    def whole_again_at(self, fault_at: float, reached: int) -> float:
+        """When the run resumed after `fault_at` was at or past the step `reached` (RECOVERY): it restored a
+        checkpoint of that step or later (a save at the fault), or else first logged such a step."""
+        resumed = self.resumes(after=fault_at)
+        assert resumed, f"no `resuming from` line after the fault:\n{self.text()[-3000:]}"
+        if resumed[0][2] >= reached:
+            return resumed[0][0]
+        found = [t for t, step in self.steps() if t >= resumed[0][0] and step >= reached]
+        assert found, f"the resumed run never logged step {reached}:\n{self.text()[-3000:]}"
+        return found[0]
+
+
+def steps_lost(resumed: int, reached: int) -> str:
+    """The data-lost cell of a training fault: nothing, and which steps were computed again."""
+    if reached <= resumed:
+        return "0 steps"
+    again = f"step {reached}" if reached == resumed + 1 else f"steps {resumed + 1}-{reached}"
+    return f"0 steps ({again} recomputed from the checkpoint)"
 
 
 def kill_group(proc: subprocess.Popen, timeout: float = 30) -> None:
@@ -175,18 +260,42 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def readme_table(readme: str) -> str:
+    """The fault table in the README's text, between its two markers."""
+    begin, end = readme.find(README_BEGIN), readme.find(README_END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"the README has no fault table between {README_BEGIN!r} and {README_END!r}")
+    return readme[begin + len(README_BEGIN):end].strip("\n")
+
+
+def with_table(readme: str, table: str) -> str:
+    """The README's text with `table` between its two markers."""
+    readme_table(readme)  # both markers present
+    head, rest = readme.split(README_BEGIN, 1)
+    return f"{head}{README_BEGIN}\n{table}\n{README_END}{rest.split(README_END, 1)[1]}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python tests/harness.py",
                                      description="Print the fault-injection report `make faults` collected.")
     parser.add_argument("report", help=f"JSON-lines file the fault tests wrote (env {REPORT_ENV})")
+    parser.add_argument("--readme", type=Path, help="write the table into this README's fault section, and the "
+                        "rows beside the table's source (docs/faults.jsonl) that tests/test_fault_report.py reads")
+    parser.add_argument("--rows-to", type=Path, default=Path("docs/faults.jsonl"),
+                        help="where --readme keeps the rows (default: %(default)s)")
     args = parser.parse_args(argv)
     if not Path(args.report).is_file():
         print(f"{args.report}: no fault report; run `make faults` (it sets {REPORT_ENV})", file=sys.stderr)
         return 2
     rows = read_rows(args.report)
-    print(render(rows))
+    table = render(rows)
+    print(table)
     failed = sum(row["outcome"] != "passed" for row in rows)
     print(f"\n{len(rows)} fault checks, {failed} not passed")
+    if args.readme:
+        args.readme.write_text(with_table(args.readme.read_text(), table))
+        args.rows_to.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+        print(f"wrote the table into {args.readme} and its rows to {args.rows_to}")
     return 1 if failed else 0
 
 

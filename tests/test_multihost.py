@@ -243,6 +243,8 @@ class HostLost(AcrossHosts):
     replacement: str = ""  # the address of the host that joined after it
     checkpoints_at_kill: list[int] = field(default_factory=list)
     killed_at_ns: int = 0
+    reached: int = 0  # the newest step the driver had heard of at the kill
+    whole_s: float = 0.0  # from the kill to the resumed run logging that step (harness.RECOVERY)
 
     @property
     def restart_s(self) -> float:
@@ -260,13 +262,12 @@ def running_workers(cluster: hosts.ClusterOfHosts, config: TrainConfig) -> list[
     return running[-1]["workers"] if running and running[-1]["workers"] else None
 
 
-def replace_host_until_done(cluster: hosts.ClusterOfHosts, address: str, proc) -> hosts.Host:
-    """The worker host at `address` lost whole and a new host joined; then the training command `proc` waited
-    for to its end, which must be a success."""
+def replace_host_until_done(cluster: hosts.ClusterOfHosts, address: str, driver: harness.Watched) -> hosts.Host:
+    """The worker host at `address` lost whole and a new host joined; then the training command `driver`
+    waited for to its end, which must be a success."""
     cluster.lose_host(address)
     replacement = cluster.add_worker_host()
-    out_text, err_text = proc.communicate(timeout=400)
-    assert proc.returncode == 0, out_text[-3000:] + err_text[-4000:]
+    assert driver.wait(timeout=400) == 0, driver.text("out")[-3000:] + driver.text()[-4000:]
     return replacement
 
 
@@ -277,7 +278,8 @@ def host_lost(cluster, base, tmp_path_factory) -> HostLost:
     out = tmp_path_factory.mktemp("host_lost")
     command, config, tracking_uri = train_command(base, out, "scaling.max_failures=1")
     run = RunDir(config.run_dir)
-    proc = harness.start([*cluster.head_host.launcher, *command], cluster.env(**STATE_TRACKING), cwd=REPO)
+    driver = harness.Watched([*cluster.head_host.launcher, *command], cluster.env(**STATE_TRACKING), cwd=REPO)
+    proc = driver.proc
     try:
         workers = harness.wait_for(lambda: running_workers(cluster, config), 300, "Ray Train's workers", proc,
                                    poll=0.5)
@@ -287,19 +289,23 @@ def host_lost(cluster, base, tmp_path_factory) -> HostLost:
         os.kill(first["pid"], signal.SIGSTOP)
         checkpoints_at_kill = [step for step, _ in run.complete_checkpoints()]
         killed_at_ns = time.time_ns()
-        replacement = replace_host_until_done(cluster, first["node_ip"], proc)
+        reached = max(driver.reached(killed_at_ns / 1e9), *checkpoints_at_kill)
+        replacement = replace_host_until_done(cluster, first["node_ip"], driver)
     except BaseException:
         harness.kill_group(proc)
         raise
     return HostLost(config, tracking_uri, ray_train_run(cluster, config), cluster.worker_addresses,
                     victim=first["node_ip"], replacement=replacement.address,
-                    checkpoints_at_kill=checkpoints_at_kill, killed_at_ns=killed_at_ns)
+                    checkpoints_at_kill=checkpoints_at_kill, killed_at_ns=killed_at_ns, reached=reached,
+                    whole_s=driver.whole_again_at(killed_at_ns / 1e9, reached) - killed_at_ns / 1e9)
 
 
+@pytest.mark.faults
 def test_host_was_lost_between_two_checkpoints(host_lost):
     assert host_lost.checkpoints_at_kill == [5]
 
 
+@pytest.mark.faults
 def test_ray_train_restarted_the_worker_group_on_the_replacement_host(host_lost):
     first, second = host_lost.attempts  # exactly one restart
     assert first["status"] in ("ERRORED", "ABORTED") and second["status"] == "FINISHED"
@@ -310,6 +316,7 @@ def test_ray_train_restarted_the_worker_group_on_the_replacement_host(host_lost)
     assert 0 < host_lost.restart_s < 180, host_lost.restart_s
 
 
+@pytest.mark.faults
 def test_restarted_workers_resumed_from_the_newest_complete_checkpoint(host_lost):
     """The run directory: step 5 was saved once, before the host was lost (a restart from scratch would
     have saved it again), step 10 after the restart began; each restarted worker's log, where Ray recorded
@@ -324,16 +331,24 @@ def test_restarted_workers_resumed_from_the_newest_complete_checkpoint(host_lost
 
 @pytest.mark.faults
 def test_run_with_a_lost_host_ends_with_the_uninterrupted_parameters(one_host, host_lost, fault_report):
+    """The row's claims, each checked here: the kill between the checkpoints of steps 5 and 10, Ray Train's
+    one restart on the survivor and the new host, its workers' `resuming from` step 5, the final parameters
+    and each step's loss once."""
     _, config = one_host
+    test_host_was_lost_between_two_checkpoints(host_lost)
+    test_ray_train_restarted_the_worker_group_on_the_replacement_host(host_lost)
+    test_restarted_workers_resumed_from_the_newest_complete_checkpoint(host_lost)
+    test_run_with_a_lost_host_logs_each_steps_loss_once(one_host, host_lost)
     assert_same_params(host_lost.final_params(), load_model(RunDir(config.run_dir).latest()[1])[1], atol=1e-5)
     fault_report.fault = "a worker host lost while training (every process SIGKILLed, the host removed)"
-    fault_report.happened = (f"Ray Train started one more attempt on the surviving and a new host, "
-                             f"{host_lost.restart_s:.0f} s after the kill; it resumed from step 5 and ended on the "
-                             "uninterrupted run's parameters (atol 1e-5)")
-    fault_report.lost = "0 steps (steps after the checkpoint recomputed)"
-    fault_report.recovery_s = host_lost.restart_s
+    fault_report.happened = (f"killed at step {host_lost.reached}; Ray Train's one restart, on the surviving and a "
+                             f"new host, began {host_lost.restart_s:.0f} s after the kill; both workers resumed from "
+                             "step 5; final parameters equal (atol 1e-5), each step's loss logged once")
+    fault_report.lost = harness.steps_lost(5, host_lost.reached)
+    fault_report.recovery_s = host_lost.whole_s
 
 
+@pytest.mark.faults
 def test_run_with_a_lost_host_logs_each_steps_loss_once(one_host, host_lost):
     assert_each_step_logged_once_as(host_lost.losses(), one_host[0])
 
@@ -351,16 +366,11 @@ class HostPreempted(AcrossHosts):
 
     victim: str = ""
     replacement: str = ""
-    reached: int = 0  # the newest step MLflow had when the signal was sent
+    reached: int = 0  # the newest step MLflow or the driver had heard of when the signal was sent
     checkpoints_at_signal: list[int] = field(default_factory=list)
     checkpoints_when_lost: list[int] = field(default_factory=list)
     signalled_ns: int = 0
-    finished_ns: int = 0
-
-    @property
-    def whole_s(self) -> float:
-        """From the signal to the run whole again: its last step done, by the replacement's attempt."""
-        return (self.finished_ns - self.signalled_ns) / 1e9
+    whole_s: float = 0.0  # from the signal to the resumed run logging the step reached (harness.RECOVERY)
 
 
 @pytest.fixture(scope="module")
@@ -370,7 +380,8 @@ def host_preempted(cluster, base, tmp_path_factory) -> HostPreempted:
                                                   f"checkpoint.every_steps={MILESTONE}", "eval.every_steps=0")
     run = RunDir(config.run_dir)
     progress = AcrossHosts(config, tracking_uri, {}, [])
-    proc = harness.start([*cluster.head_host.launcher, *command], cluster.env(**STATE_TRACKING), cwd=REPO)
+    driver = harness.Watched([*cluster.head_host.launcher, *command], cluster.env(**STATE_TRACKING), cwd=REPO)
+    proc = driver.proc
 
     def logged() -> int:
         try:
@@ -387,17 +398,18 @@ def host_preempted(cluster, base, tmp_path_factory) -> HostPreempted:
         reached = logged()
         os.kill(second["pid"], signal.SIGTERM)
         signalled_ns = time.time_ns()
+        reached = max(reached, driver.reached(signalled_ns / 1e9))
         harness.wait_for(run.latest, 120, "the preemption save", proc, poll=0.05)
         checkpoints_when_lost = [step for step, _ in run.complete_checkpoints()]
-        replacement = replace_host_until_done(cluster, second["node_ip"], proc)  # the VM stops
+        replacement = replace_host_until_done(cluster, second["node_ip"], driver)  # the VM stops
     except BaseException:
         harness.kill_group(proc)
         raise
-    finished_ns = (run.step_dir(PREEMPT_STEPS) / "state.json").stat().st_mtime_ns
     return HostPreempted(config, tracking_uri, ray_train_run(cluster, config), cluster.worker_addresses,
                          victim=second["node_ip"], replacement=replacement.address, reached=reached,
                          checkpoints_at_signal=checkpoints_at_signal, checkpoints_when_lost=checkpoints_when_lost,
-                         signalled_ns=signalled_ns, finished_ns=finished_ns)
+                         signalled_ns=signalled_ns,
+                         whole_s=driver.whole_again_at(signalled_ns / 1e9, reached) - signalled_ns / 1e9)
 
 
 @pytest.fixture(scope="module")
@@ -491,7 +503,7 @@ def test_a_dataset_tokenized_across_hosts_with_one_lost_equals_an_uninterrupted_
     fault_report.fault = "a worker host lost while tokenizing"
     fault_report.happened = (f"killed with {tokenize_host_lost['done_at_kill']} of 7 units done; {how}; the "
                              "dataset equals an uninterrupted run's, shard for shard")
-    fault_report.lost = f"0 of {total['documents']} documents, 0 of {total['tokens']} tokens, none twice"
+    fault_report.lost = f"0 of {total['documents']:,} documents, 0 of {total['tokens']:,} tokens, none twice"
     fault_report.recovery_s = tokenize_host_lost["recovery_s"]
 
 
@@ -513,6 +525,8 @@ class HeadLost(AcrossHosts):
     rerun_start_ns: int = 0  # the new head and worker hosts up
     rerun_end_ns: int = 0
     rerun_logs: list[str] = field(default_factory=list)  # each rerun worker's log, read before its host went
+    reached: int = 0  # the newest step the first driver had heard of at the kill
+    whole_s: float = 0.0  # from the kill to the rerun logging that step (harness.RECOVERY)
 
     @property
     def driver_ended_s(self) -> float:
@@ -520,7 +534,7 @@ class HeadLost(AcrossHosts):
         return (self.driver_end_ns - self.killed_at_ns) / 1e9
 
     @property
-    def recovery_s(self) -> float:
+    def rerun_ended_s(self) -> float:
         """From the kill to the end of the rerun on the new head: a new cluster started, the run finished."""
         return (self.rerun_end_ns - self.killed_at_ns) / 1e9
 
@@ -540,7 +554,8 @@ def head_lost(cluster, base, tmp_path_factory) -> HeadLost:
     first = hosts.ClusterOfHosts.start(cluster.network, states, worker_hosts=2)
     live = [first]
     try:
-        proc = harness.start([*first.head_host.launcher, *command], first.env(**STATE_TRACKING), cwd=REPO)
+        driver = harness.Watched([*first.head_host.launcher, *command], first.env(**STATE_TRACKING), cwd=REPO)
+        proc = driver.proc
         try:
             workers = harness.wait_for(lambda: running_workers(first, config), 300, "Ray Train's workers", proc,
                                        poll=0.5)
@@ -549,8 +564,10 @@ def head_lost(cluster, base, tmp_path_factory) -> HeadLost:
             os.kill(rank0["pid"], signal.SIGSTOP)
             checkpoints_at_kill = [step for step, _ in run.complete_checkpoints()]
             killed_at_ns = time.time_ns()
+            reached = max(driver.reached(killed_at_ns / 1e9), *checkpoints_at_kill)
             first.lose_head(spare=harness.process_tree(proc.pid))
-            _, driver_err = proc.communicate(timeout=300)
+            driver.wait(timeout=300)
+            driver_err = driver.text()
             driver_end_ns = time.time_ns()
         except BaseException:
             harness.kill_group(proc)
@@ -561,7 +578,8 @@ def head_lost(cluster, base, tmp_path_factory) -> HeadLost:
         second = hosts.ClusterOfHosts.start(cluster.network, states, worker_hosts=2)
         live.append(second)
         rerun_start_ns = time.time_ns()
-        on_head_host(second, *command, timeout=400, **STATE_TRACKING)
+        rerun = harness.Watched([*second.head_host.launcher, *command], second.env(**STATE_TRACKING), cwd=REPO)
+        assert rerun.wait(timeout=400) == 0, rerun.text("out")[-3000:] + rerun.text()[-4000:]
         rerun_end_ns = time.time_ns()
         ray_run = ray_train_run(second, config)
         logs = [Path(worker["log_file_path"]).read_text(errors="replace")
@@ -570,20 +588,23 @@ def head_lost(cluster, base, tmp_path_factory) -> HeadLost:
                         checkpoints_at_kill=checkpoints_at_kill, killed_at_ns=killed_at_ns,
                         driver_code=proc.returncode, driver_err=driver_err, driver_end_ns=driver_end_ns,
                         orphans=orphans, rerun_start_ns=rerun_start_ns, rerun_end_ns=rerun_end_ns,
-                        rerun_logs=logs)
+                        rerun_logs=logs, reached=reached,
+                        whole_s=rerun.whole_again_at(killed_at_ns / 1e9, reached) - killed_at_ns / 1e9)
     finally:
         for left in live:
             left.remove()
     print(f"head lost: the driver ended {lost.driver_ended_s:.1f} s after the kill, {orphans} processes alive on the "
           f"old worker hosts then; a new cluster up {(rerun_start_ns - killed_at_ns) / 1e9:.1f} s after the kill, "
-          f"the rerun ended {lost.recovery_s:.1f} s after it")
+          f"the rerun was back at step {reached} {lost.whole_s:.1f} s and ended {lost.rerun_ended_s:.1f} s after it")
     return lost
 
 
+@pytest.mark.faults
 def test_head_was_lost_between_two_checkpoints(head_lost):
     assert head_lost.checkpoints_at_kill == [5]
 
 
+@pytest.mark.faults
 def test_a_driver_whose_head_is_lost_ends_with_one_line_saying_how_to_resume(head_lost):
     """Exit 1 soon after the kill, the last line naming the lost head and the checkpoint a rerun starts from."""
     run = RunDir(head_lost.config.run_dir)
@@ -596,12 +617,14 @@ def test_a_driver_whose_head_is_lost_ends_with_one_line_saying_how_to_resume(hea
     assert 0 < head_lost.driver_ended_s < 60, head_lost.driver_ended_s
 
 
+@pytest.mark.faults
 def test_only_a_gcs_that_does_not_answer_counts_as_a_lost_head(cluster, head_lost):
     """A controller lost while its GCS answers is not called a lost head: Ray's own error stands."""
     assert gcs_answers(cluster.head.address)
     assert not gcs_answers(head_lost.head, timeout=1.0)  # its host is gone: no refusal, a timeout
 
 
+@pytest.mark.faults
 def test_the_same_command_on_a_new_head_resumes_from_the_newest_checkpoint(head_lost):
     """One attempt, on the new worker hosts only; step 5 was saved once, before the kill, step 10 by the
     rerun; each of its workers' logs says it resumed from step 5."""
@@ -613,20 +636,28 @@ def test_the_same_command_on_a_new_head_resumes_from_the_newest_checkpoint(head_
     assert (run.step_dir(STEPS) / "state.json").stat().st_mtime_ns > attempt["start_time_ns"]
     assert len(head_lost.rerun_logs) == 2
     assert all(f"resuming from {run.step_dir(5)} (step 5)" in log for log in head_lost.rerun_logs)
-    assert 0 < head_lost.recovery_s < 240, head_lost.recovery_s
+    assert 0 < head_lost.whole_s < head_lost.rerun_ended_s < 240, (head_lost.whole_s, head_lost.rerun_ended_s)
 
 
 @pytest.mark.faults
 def test_run_with_a_lost_head_ends_with_the_uninterrupted_parameters(one_host, head_lost, fault_report):
+    """The row's claims, each checked here: the kill between two checkpoints, the driver's one line, the
+    rerun on a new head resuming from step 5, the final parameters and each step's loss once."""
     _, config = one_host
+    test_head_was_lost_between_two_checkpoints(head_lost)
+    test_a_driver_whose_head_is_lost_ends_with_one_line_saying_how_to_resume(head_lost)
+    test_the_same_command_on_a_new_head_resumes_from_the_newest_checkpoint(head_lost)
+    test_run_with_a_lost_head_logs_each_steps_loss_once(one_host, head_lost)
     assert_same_params(head_lost.final_params(), load_model(RunDir(config.run_dir).latest()[1])[1], atol=1e-5)
     fault_report.fault = "the Ray head lost while training (every Ray process of the head host SIGKILLed)"
-    fault_report.happened = (f"the driver ended {head_lost.driver_ended_s:.0f} s later with one line naming the "
-                             "head and step 5; the same command on a new head and hosts resumed from step 5 and "
-                             "ended on the uninterrupted run's parameters (atol 1e-5)")
-    fault_report.lost = "0 steps (steps after the checkpoint recomputed)"
-    fault_report.recovery_s = head_lost.recovery_s
+    fault_report.happened = (f"killed at step {head_lost.reached}; the driver ended {head_lost.driver_ended_s:.0f} s "
+                             "later with one line naming the head and step 5; the same command on a new head and "
+                             "hosts resumed from step 5 and ended on the uninterrupted run's parameters (atol 1e-5), "
+                             "each step's loss logged once")
+    fault_report.lost = harness.steps_lost(5, head_lost.reached)
+    fault_report.recovery_s = head_lost.whole_s
 
 
+@pytest.mark.faults
 def test_run_with_a_lost_head_logs_each_steps_loss_once(one_host, head_lost):
     assert_each_step_logged_once_as(head_lost.losses(), one_host[0])

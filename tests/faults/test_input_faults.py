@@ -84,7 +84,9 @@ def built(corpus, sp_model, tmp_path_factory) -> dict:
             "stats": json.loads((out / "stats.json").read_text())}
 
 
-def test_every_bad_record_is_quarantined_and_counted_by_reason(built, fault_report):
+def test_every_bad_record_is_quarantined_and_counted_by_reason(built, corpus, sp_model, fault_report):
+    """The row's claims, all checked here: each bad line quarantined and counted by reason, and every valid
+    document around them kept, token for token and in file order."""
     expected: dict[str, int] = {}
     for _, reason in BAD:
         expected[reason] = expected.get(reason, 0) + 1
@@ -93,11 +95,14 @@ def test_every_bad_record_is_quarantined_and_counted_by_reason(built, fault_repo
     assert subsets["c4"]["rejected"] == {"truncated": 1}
     rejected = [pq.read_table(p).to_pylist() for p in (built["out"] / "rejected").glob("*.parquet")]
     assert sum(map(len, rejected)) == len(BAD) + 1
+    test_every_valid_document_around_bad_records_is_kept_token_for_token(built, corpus, sp_model)
+    test_the_packed_rows_hold_the_valid_documents_in_file_order(built, corpus, sp_model)
+    valid = sum(built["stats"]["subsets"][subset]["documents"] for subset in ("wikipedia", "c4"))
     fault_report.fault = f"bad records ({len(BAD) + 1} kinds of bad line, {len(set(expected)) + 1} reasons)"
     fault_report.happened = ("each quarantined in rejected/*.parquet with reason, file and line; counted in "
                              "stats.json: " + ", ".join(f"{k}={v}" for k, v in sorted(expected.items())) +
                              ", truncated=1")
-    fault_report.lost = "0 valid documents (BOM stripped, CRLF kept)"
+    fault_report.lost = f"0 of {valid} valid documents (BOM stripped, CRLF kept), token for token in file order"
 
 
 def test_every_valid_document_around_bad_records_is_kept_token_for_token(built, corpus, sp_model):
