@@ -450,9 +450,9 @@ def score_checkpoint(checkpoint_of_ray: Any, step: int, location: str, tasks: li
 @contextlib.contextmanager
 def jax_environment_report() -> Iterator[None]:
     """lm-eval ends every evaluation with torch's environment report (`torch.utils.collect_env`), which
-    imports torch and probes the machine for about two seconds; the model here is JAX's, so the results
-    describe JAX's install instead, under lm-eval's own keys."""
-    import lm_eval.evaluator
+    imports torch and probes the machine, a large share of a short evaluation's time; the model here is
+    JAX's, so the results describe JAX's install instead, under lm-eval's own keys."""
+    import lm_eval.evaluator  # lm-eval is an install extra, loaded when an evaluation runs
 
     def add_jax_env_info(storage: dict[str, Any]) -> None:
         devices = jax.devices()
