@@ -21,13 +21,16 @@ import json
 import os
 import random
 import re
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample" / "redpajama"
@@ -89,6 +92,13 @@ def phases(started: float, seconds: float, stderr: str, work_starts: str) -> dic
     return {"imports": first - started, "planning": work - first, "work and exit": started + seconds - work}
 
 
+def alternated(rounds: int, runs: dict[str, Callable[[int], tuple[float, Any]]]) -> list[dict[str, tuple]]:
+    """Each round runs every tool once (`run(round) -> (seconds, what it made)`), the order reversed every other
+    round, so that the machine's drift falls on all alike; per round, {name: (seconds, what it made)}."""
+    return [{name: runs[name](round_) for name in (list(runs) if round_ % 2 == 0 else list(runs)[::-1])}
+            for round_ in range(rounds)]
+
+
 def spread(ratios: list[float]) -> str:
     return f"{statistics.median(ratios):.2f}x (spread {min(ratios):.2f}-{max(ratios):.2f}, {len(ratios)} rounds)"
 
@@ -134,28 +144,28 @@ def bench_tokenize(scratch: Path, megabytes: int, rounds: int) -> None:
     sizes = [Path(f).stat().st_size / 1e6 for f in files]
     print(f"tokenize: {sum(sizes):.0f} MB in {len(files)} files ({', '.join(f'{s:.0f}' for s in sizes)} MB), "
           f"vocab 8000, seq_len 2048, {cores} cores")
-    ratios, ours_phases, seconds = [], [], {"openllama": [], "datasets": []}
-    for round_ in range(rounds):
-        order = ["openllama", "datasets"] if round_ % 2 == 0 else ["datasets", "openllama"]
-        took = {}
-        for name in order:
-            out = scratch / f"{name}-{round_}"
-            if name == "openllama":
-                started, took[name], done = timed([str(BIN / "openllama"), "data", "tokenize", *files, "--tokenizer",
-                                                   tokenizer, "--out", str(out), "--seq-len", "2048", "--no-track"])
-                ours_phases.append(phases(started, took[name], done.stderr, "units,"))
-                tokens = json.loads((out / "manifest.json").read_text())["stats"]["total"]["tokens"]
-            else:
-                out.mkdir()
-                _, took[name], done = timed([sys.executable, "-c", DATASETS_SCRIPT, tokenizer, str(out), str(cores),
-                                             *files])
-                theirs = int(done.stdout.split()[-1])
-            seconds[name].append(took[name])
-            subprocess.run(["rm", "-rf", str(out)], check=True)
-        assert tokens == theirs, (tokens, theirs)
-        ratios.append(took["datasets"] / took["openllama"])
-        print(f"  round {round_ + 1}: openllama {took['openllama']:.1f} s, datasets {took['datasets']:.1f} s, "
-              f"{tokens:,} tokens each")
+    def ours(round_: int) -> tuple[float, tuple[int, dict]]:
+        out = scratch / f"openllama-{round_}"
+        started, seconds, done = timed([str(BIN / "openllama"), "data", "tokenize", *files, "--tokenizer", tokenizer,
+                                        "--out", str(out), "--seq-len", "2048", "--no-track"])
+        tokens = json.loads((out / "manifest.json").read_text())["stats"]["total"]["tokens"]
+        shutil.rmtree(out)
+        return seconds, (tokens, phases(started, seconds, done.stderr, "units,"))
+
+    def theirs(round_: int) -> tuple[float, int]:
+        out = scratch / f"datasets-{round_}"
+        out.mkdir()
+        _, seconds, done = timed([sys.executable, "-c", DATASETS_SCRIPT, tokenizer, str(out), str(cores), *files])
+        shutil.rmtree(out)
+        return seconds, int(done.stdout.split()[-1])
+
+    ratios, ours_phases = [], []
+    for number, took in enumerate(alternated(rounds, {"openllama": ours, "datasets": theirs}), start=1):
+        (ours_s, (tokens, spent)), (theirs_s, their_tokens) = took["openllama"], took["datasets"]
+        assert tokens == their_tokens, (tokens, their_tokens)
+        ratios.append(theirs_s / ours_s)
+        ours_phases.append(spent)
+        print(f"  round {number}: openllama {ours_s:.1f} s, datasets {theirs_s:.1f} s, {tokens:,} tokens each")
     print(f"  openllama / datasets, end to end: {spread(ratios)} (target >= 1.0)")
     print_phases("openllama data tokenize", ours_phases)
 
@@ -202,32 +212,35 @@ def bench_eval(scratch: Path, rounds: int) -> None:
     hf_dir = export_hf(ckpt, scratch / "hf")
     cores = os.cpu_count() or 1
     print(f"eval: {config.num_params() / 1e6:.0f}M parameters, float32, tasks {TASKS}, batch size 16, {cores} cores")
-    ratios, scores = [], {}
-    for round_ in range(rounds):
-        order = ["openllama", "hf"] if round_ % 2 == 0 else ["hf", "openllama"]
-        took = {}
-        for name in order:
-            out = scratch / f"{name}-{round_}"
-            if name == "openllama":
-                ours = [str(BIN / "openllama"), "eval", str(ckpt), "--tasks", TASKS, "--batch-size", "16",
-                        "--no-mlflow", "--no-compare", "--output", str(out)]
-                _, took[name], done = timed(ours)
-                results = json.loads((out / "results.json").read_text())["results"]
-            else:
-                _, took[name], done = timed([str(BIN / "lm_eval"), "--model", "hf", "--model_args",
-                                             f"pretrained={hf_dir},dtype=float32,add_bos_token=True",
-                                             "--tasks", TASKS, "--include_path", str(TASK_PACK), "--batch_size",
-                                             "16", "--device", "cpu", "--output_path", str(out)])
-                (path,) = out.rglob("results_*.json")
-                results = json.loads(path.read_text())["results"]
-            scores[name] = {task: round(values["acc,none"], 6) for task, values in results.items()
-                            if "acc,none" in values}
-        assert scores["openllama"] == scores["hf"], scores
-        ratios.append(took["hf"] / took["openllama"])
-        print(f"  round {round_ + 1}: openllama {took['openllama']:.1f} s, lm-eval hf {took['hf']:.1f} s; "
-              f"the same accuracies: {scores['hf']}")
+    ours = [str(BIN / "openllama"), "eval", str(ckpt), "--tasks", TASKS, "--batch-size", "16", "--no-mlflow",
+            "--no-compare", "--output"]
+
+    def accuracies(results: dict) -> dict[str, float]:
+        return {task: round(values["acc,none"], 6) for task, values in results.items() if "acc,none" in values}
+
+    def run_ours(round_: int) -> tuple[float, dict]:
+        out = scratch / f"openllama-{round_}"
+        _, seconds, _ = timed([*ours, str(out)])
+        return seconds, accuracies(json.loads((out / "results.json").read_text())["results"])
+
+    def run_hf(round_: int) -> tuple[float, dict]:
+        out = scratch / f"hf-{round_}"
+        _, seconds, _ = timed([str(BIN / "lm_eval"), "--model", "hf", "--model_args",
+                               f"pretrained={hf_dir},dtype=float32,add_bos_token=True", "--tasks", TASKS,
+                               "--include_path", str(TASK_PACK), "--batch_size", "16", "--device", "cpu",
+                               "--output_path", str(out)])
+        (path,) = out.rglob("results_*.json")
+        return seconds, accuracies(json.loads(path.read_text())["results"])
+
+    ratios = []
+    for number, took in enumerate(alternated(rounds, {"openllama": run_ours, "hf": run_hf}), start=1):
+        (ours_s, ours_scores), (hf_s, hf_scores) = took["openllama"], took["hf"]
+        assert ours_scores == hf_scores, (ours_scores, hf_scores)
+        ratios.append(hf_s / ours_s)
+        print(f"  round {number}: openllama {ours_s:.1f} s, lm-eval hf {hf_s:.1f} s; the same accuracies: "
+              f"{hf_scores}")
     print(f"  openllama / lm-eval hf, end to end: {spread(ratios)} (target >= 2.0)")
-    profile_eval(ours, scratch / "eval.prof")
+    profile_eval([*ours, str(scratch / "profiled")], scratch / "eval.prof")
 
 
 def main() -> int:

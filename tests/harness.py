@@ -7,7 +7,12 @@ stop a server, fill the disk. Each test appends one JSON line to the file named 
 README's fault section (`make faults` does both). This is test code: nothing in the product injects faults;
 the tests do it from outside, or through the training loop's hooks and monkeypatching.
 
-Every row's time to recover has one definition (RECOVERY): from the fault until the run is whole again.
+Every row's time to recover has one definition: from the fault until the run is whole again, holding
+everything it held when the fault hit and going on as if none had happened. Training: the resumed run
+restores a checkpoint at or past the step reached at the fault, or logs such a step (`Watched.whole_again_at`).
+A data command: its rerun (or Ray's retries) finished with the output of an uninterrupted run. Tracking: the run
+finished with every step's metrics on the server. A fault that is only detected (a corrupted shard, a
+diverging loss, bad input) has nothing to recover: `-`.
 """
 
 from __future__ import annotations
@@ -29,11 +34,6 @@ import psutil
 from openllama.processes import stop_group
 
 REPORT_ENV = "OPENLLAMA_FAULT_REPORT"
-RECOVERY = ("from the fault until the run is whole again: it holds everything it held when the fault hit and goes "
-            "on as if none had happened. Training: the resumed run logs a step at or past the one reached at the "
-            "fault. A data command: its rerun (or Ray's retries) finished with the output of an uninterrupted run. "
-            "Tracking: the run finished with every step's metrics on the server. A fault that is only detected "
-            "(a corrupted shard, a diverging loss, bad input) has nothing to recover: `-`.")
 README_BEGIN, README_END = "<!-- fault table: make faults writes it -->", "<!-- end of fault table -->"
 STEP_LINE = re.compile(r"\bstep (\d+)/(\d+) loss")
 RESUME_LINE = re.compile(r"resuming from (\S+) \(step (\d+)\)")
@@ -79,7 +79,6 @@ class Watched:
                          for stream, name in ((self.proc.stdout, "out"), (self.proc.stderr, "err"))]
         for reader in self._readers:
             reader.start()
-        self.ended_at: float | None = None
 
     def _read(self, stream, name: str) -> None:
         for line in stream:
@@ -95,7 +94,6 @@ class Watched:
             raise AssertionError(f"ran over {timeout}s:\n{self.text()[-4000:]}") from None
         for reader in self._readers:
             reader.join(timeout=30)
-        self.ended_at = self.ended_at or time.time()
         return self.proc.returncode
 
     def snapshot(self, stream: str | None = None) -> list[tuple[float, str]]:
@@ -121,8 +119,9 @@ class Watched:
         return sum(text in line for t, line in self.snapshot() if t > after)
 
     def whole_again_at(self, fault_at: float, reached: int) -> float:
-        """When the run resumed after `fault_at` was at or past the step `reached` (RECOVERY): it restored a
-        checkpoint of that step or later (a save at the fault), or else first logged such a step."""
+        """When the run resumed after `fault_at` was at or past the step `reached` (the module's time to
+        recover): it restored a checkpoint of that step or later (a save at the fault), or else first logged
+        such a step."""
         resumed = self.resumes(after=fault_at)
         assert resumed, f"no `resuming from` line after the fault:\n{self.text()[-3000:]}"
         if resumed[0][2] >= reached:
@@ -130,6 +129,13 @@ class Watched:
         found = [t for t, step in self.steps() if t >= resumed[0][0] and step >= reached]
         assert found, f"the resumed run never logged step {reached}:\n{self.text()[-3000:]}"
         return found[0]
+
+
+def units_done_before(stderr: str) -> tuple[int, int]:
+    """(units, done before) from a tokenize run's `tokenize units: N units, K done before, M to run` line."""
+    (units, done), = {(int(m[1]), int(m[2]))
+                      for m in re.finditer(r"tokenize units: (\d+) units, (\d+) done before", stderr)}
+    return units, done
 
 
 def steps_lost(resumed: int, reached: int) -> str:

@@ -244,7 +244,7 @@ class HostLost(AcrossHosts):
     checkpoints_at_kill: list[int] = field(default_factory=list)
     killed_at_ns: int = 0
     reached: int = 0  # the newest step the driver had heard of at the kill
-    whole_s: float = 0.0  # from the kill to the resumed run logging that step (harness.RECOVERY)
+    whole_s: float = 0.0  # from the kill to the resumed run logging that step (harness: time to recover)
 
     @property
     def restart_s(self) -> float:
@@ -370,7 +370,7 @@ class HostPreempted(AcrossHosts):
     checkpoints_at_signal: list[int] = field(default_factory=list)
     checkpoints_when_lost: list[int] = field(default_factory=list)
     signalled_ns: int = 0
-    whole_s: float = 0.0  # from the signal to the resumed run logging the step reached (harness.RECOVERY)
+    whole_s: float = 0.0  # from the signal to the resumed run at the step reached (harness: time to recover)
 
 
 @pytest.fixture(scope="module")
@@ -526,7 +526,7 @@ class HeadLost(AcrossHosts):
     rerun_end_ns: int = 0
     rerun_logs: list[str] = field(default_factory=list)  # each rerun worker's log, read before its host went
     reached: int = 0  # the newest step the first driver had heard of at the kill
-    whole_s: float = 0.0  # from the kill to the rerun logging that step (harness.RECOVERY)
+    whole_s: float = 0.0  # from the kill to the rerun logging that step (harness: time to recover)
 
     @property
     def driver_ended_s(self) -> float:

@@ -8,7 +8,6 @@ work, and the rerun must give the bytes of an uninterrupted run.
 from __future__ import annotations
 
 import hashlib
-import re
 import signal
 import time
 from pathlib import Path
@@ -69,8 +68,7 @@ def runs(s3_server, sp_model, tokenize) -> dict:
         state = {"signal": -proc.returncode, "units_done": len(units_done(f"{root}/killed")),
                  "finished": files.read_json(f"{root}/killed/manifest.json")["finished"]}
         rerun = faults.run(command["killed"], env, timeout=300, cwd=REPO)
-        (skipped,) = re.findall(r"tokenize units: \d+ units, (\d+) done before", rerun.stderr) or [None]
-        state["skipped"] = int(skipped) if skipped is not None else None
+        state["skipped"] = faults.units_done_before(rerun.stderr)[1] if rerun.returncode == 0 else None
         state.update(rerun=rerun, recovery_s=time.perf_counter() - killed_at, root=root,
                      units=len(units_done(f"{root}/uninterrupted")),
                      killed=shard_entries(f"{root}/killed"), uninterrupted=shard_entries(f"{root}/uninterrupted"),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import signal
 import subprocess
@@ -65,13 +64,6 @@ def ledger_entries(dataset: Path) -> dict[str, tuple[int, bytes]]:
     return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (dataset / "units").glob("*.json")}
 
 
-def skipped_by_rerun(stderr: str) -> tuple[int, int]:
-    """(units, done before) from the rerun's `tokenize units: N units, K done before, M to run` line."""
-    (units, done), = {(int(m[1]), int(m[2]))
-                      for m in re.finditer(r"tokenize units: (\d+) units, (\d+) done before", stderr)}
-    return units, done
-
-
 # --- a SIGKILLed tokenize run ------------------------------------------------------------------------------
 
 
@@ -106,7 +98,7 @@ def test_rerun_after_sigkill_equals_an_uninterrupted_run(killed_and_rerun, packe
     test_tokenize_run_was_killed_before_it_finished(killed_and_rerun, packed)
     rerun = killed_and_rerun["rerun"]
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    units, done = skipped_by_rerun(rerun.stderr)
+    units, done = faults.units_done_before(rerun.stderr)
     # a worker can finish the unit it was writing after the CLI's group is gone (Ray's workers are not in it)
     assert units == UNITS and killed_and_rerun["units_done"] <= done < UNITS, rerun.stderr[-3000:]
     after = ledger_entries(killed_and_rerun["out"])

@@ -239,9 +239,8 @@ def preempted(packed, ray_head, tmp_path_factory) -> dict:
         signalled_at = time.time()
         worker_reached = first.reached(signalled_at)
         faults.wait_for(lambda: len(first.resumed_at()) >= 2, 300, "the restarted workers resuming", first.proc)
-        _, resumed_from, worker_saved = first.resumes()[-1]  # the restarted attempt restored this save
+        resumed_t, resumed_from, worker_saved = first.resumes()[-1]  # the restarted attempt restored this save
         checkpoints_at_restart = checkpoint_steps(run_dir)  # it may have pruned that save already, at step 200
-        resumed_t = first.resumes()[-1][0]
         # as soon as the restarted attempt has logged a step: Ray forwards the workers' lines a second or
         # more late, and this run's steps take milliseconds, so "ten steps in" could be past the run's end
         faults.wait_for(lambda: first.last_step(after=resumed_t) > worker_saved, 300,
