@@ -108,9 +108,9 @@ def test_rerun_after_sigkill_equals_an_uninterrupted_run(killed_and_rerun, packe
     test_rerun_leaves_no_temporary_files_of_the_killed_run(killed_and_rerun)
     total = manifest(packed.path)["stats"]["total"]
     fault_report.fault = "tokenize job SIGKILLed mid-run"
-    fault_report.happened = (f"killed unfinished with {done} of {UNITS} units done; the rerun skipped those {done} "
-                             f"(its log; their ledger entries untouched), ran {UNITS - done} and wrote "
-                             "byte-identical shards, no temporary file left")
+    fault_report.happened = (f"killed unfinished with {killed_and_rerun['units_done']} of {UNITS} units done; the "
+                             f"rerun found {done} done and skipped them (its log; their ledger entries untouched), "
+                             f"ran {UNITS - done} and wrote byte-identical shards, no temporary file left")
     fault_report.lost = f"0 of {total['documents']:,} documents, 0 of {total['tokens']:,} tokens, none twice"
     fault_report.recovery_s = killed_and_rerun["recovery_s"]
 
